@@ -1,0 +1,115 @@
+"""LLaVA-1.5 style models: CLIP/SigLIP vision tower -> MLP projector -> Llama-style LLM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgetune.families.base import ModelFamily
+
+# LLaVA-1.5's conversation format, as llava-hf's processors render it.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'text' %}{{ item['text'] }}{% elif item['type'] == 'image' %}<image>\n{% endif %}"
+    "{% endfor %}"
+    "{% if message['role'] == 'user' %} {% else %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+class LlavaFamily(ModelFamily):
+    name = "llava"
+    model_class_name = "LlavaForConditionalGeneration"
+    vision_tower = "model.vision_tower"
+    connector = "model.multi_modal_projector"
+    language_model = "model.language_model"
+    layers = "model.language_model.layers"
+
+    def image_features(self, model: Any, pixel_values: Any) -> Any:
+        config = model.config
+        features = model.model.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        )
+        return features
+
+    def build_tiny(self, out_dir: Path) -> None:
+        import torch
+        from transformers import (
+            CLIPImageProcessor,
+            CLIPVisionConfig,
+            LlamaConfig,
+            LlamaTokenizerFast,
+            LlavaConfig,
+            LlavaForConditionalGeneration,
+            LlavaProcessor,
+        )
+
+        from edgetune.families.tiny import train_byte_level_bpe
+
+        specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+        tokenizer = LlamaTokenizerFast(
+            tokenizer_object=train_byte_level_bpe(specials),
+            unk_token="<unk>",
+            bos_token="<s>",
+            eos_token="</s>",
+            pad_token="<pad>",
+            add_bos_token=True,
+            add_eos_token=False,
+            legacy=False,
+            padding_side="right",
+        )
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        image_size, patch_size = 32, 8
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+        )
+        processor = LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+            chat_template=LLAVA_CHAT_TEMPLATE,
+            image_token="<image>",
+        )
+        config = LlavaConfig(
+            vision_config=CLIPVisionConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=image_size,
+                patch_size=patch_size,
+                projection_dim=32,
+            ),
+            text_config=LlamaConfig(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=len(tokenizer),
+                max_position_embeddings=512,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                tie_word_embeddings=False,
+            ),
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+            projector_hidden_act="gelu",
+        )
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(config)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.bos_token_id = tokenizer.bos_token_id
+        model.save_pretrained(out_dir, safe_serialization=True)
+        processor.save_pretrained(out_dir)

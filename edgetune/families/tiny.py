@@ -1,0 +1,32 @@
+"""Offline building blocks for tiny random-weight models: a real byte-level BPE tokenizer.
+
+Model hubs are out of reach in tests and in ``edgetune quickstart``, so each family's
+``build_tiny`` trains a small tokenizer here and wraps it in the family's own tokenizer class.
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+# Words the built-in task and chat templates use, so that answers are single tokens.
+CORPUS = [
+    " USER: ASSISTANT: What color is the shape? What shape is this? Answer with one word.",
+    " red green blue yellow purple orange white black circle square triangle",
+    " The image shows a shape on a plain background. Describe the picture.",
+    " a an the is are of in on to and with this that what which how many there",
+    " user assistant system model image picture photo question answer",
+]
+
+
+def train_byte_level_bpe(special_tokens: list[str], vocab_size: int = 512) -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS * 20, trainer=trainer)
+    return tokenizer
