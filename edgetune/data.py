@@ -1,0 +1,180 @@
+"""LLaVA-format conversation data -> model inputs with the loss on the assistant's tokens only.
+
+The file is a JSON list of ``{"id", "image", "conversations": [{"from": "human", "value":
+"<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}``; ``image`` is a path relative to the
+JSON file (or a list of paths, one per ``<image>``). Every entry is checked when the file is read.
+
+Encoding renders the family's own chat template turn by turn and tokenizes each piece on its
+own: the prompt pieces exactly as they will be tokenized at inference time (conversation so far +
+generation prompt), the assistant pieces as the labels. The family's processor expands image
+placeholders and produces the pixel tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from edgetune.errors import UserError
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+@dataclass
+class Sample:
+    id: str
+    images: list[Path]
+    turns: list[tuple[str, str]]  # (role, text) with role "user"|"assistant", placeholders removed
+
+    def messages(self, upto: int | None = None) -> list[dict[str, Any]]:
+        """Chat messages in transformers' multimodal format; images go to the first user turn."""
+        out = []
+        for i, (role, text) in enumerate(self.turns[:upto]):
+            content: list[dict[str, Any]] = []
+            if i == 0:
+                content += [{"type": "image"} for _ in self.images]
+            content.append({"type": "text", "text": text})
+            out.append({"role": role, "content": content})
+        return out
+
+    @property
+    def question(self) -> str:
+        return self.turns[0][1]
+
+    @property
+    def answer(self) -> str:
+        return self.turns[1][1]
+
+
+def load_samples(path: Path) -> list[Sample]:
+    """Read and validate a LLaVA-format JSON file; any bad entry is a UserError naming it."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: data file does not exist") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(raw, list) or not raw:
+        raise UserError(f"{path}: expected a non-empty JSON list of LLaVA-format entries")
+    return [_parse_entry(entry, i, path) for i, entry in enumerate(raw)]
+
+
+def _parse_entry(entry: Any, index: int, path: Path) -> Sample:
+    where = f"{path}: entry {index}"
+    if not isinstance(entry, dict):
+        raise UserError(f"{where}: expected an object with id, image, conversations")
+    where = f"{path}: entry {index} (id {entry.get('id', '?')})"
+    image_field = entry.get("image")
+    if not image_field:
+        raise UserError(f"{where}: no 'image'; every entry needs an image path relative to {path.name}")
+    names = image_field if isinstance(image_field, list) else [image_field]
+    images = [_check_image(path.parent / str(name), where) for name in names]
+    conversations = entry.get("conversations")
+    if not isinstance(conversations, list) or len(conversations) < 2:
+        raise UserError(f"{where}: 'conversations' must be a list of at least one human and one gpt turn")
+    turns = []
+    placeholders = 0
+    for j, turn in enumerate(conversations):
+        role = ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        if role is None or not isinstance(turn.get("value"), str):
+            raise UserError(f"{where}: conversations[{j}] needs 'from' (human|gpt) and a string 'value'")
+        expected = "user" if j % 2 == 0 else "assistant"
+        if role != expected:
+            raise UserError(f"{where}: conversations[{j}] is from '{turn['from']}', expected turns to alternate human, gpt, ...")
+        text = turn["value"]
+        placeholders += text.count(IMAGE_PLACEHOLDER)
+        if role == "user":
+            text = text.replace(IMAGE_PLACEHOLDER, "").strip()
+        turns.append((role, text))
+    if placeholders != len(images):
+        raise UserError(
+            f"{where}: {placeholders} '<image>' placeholder(s) in the conversation but {len(images)} image(s); "
+            "put exactly one '<image>' per image in the first human turn"
+        )
+    if turns[-1][0] != "assistant":
+        turns = turns[:-1]
+    return Sample(str(entry.get("id", index)), images, turns)
+
+
+def _check_image(path: Path, where: str) -> Path:
+    if not path.is_file():
+        raise UserError(f"{where}: image {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as err:  # PIL raises many types for corrupt files
+        raise UserError(f"{where}: image {path} cannot be read ({type(err).__name__}); replace or remove it") from None
+    return path.resolve()
+
+
+def open_image(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def prompt_text(processor: Any, sample: Sample, upto: int = 1) -> str:
+    """The text the model sees before it answers turn ``upto`` (generation prompt included)."""
+    return processor.apply_chat_template(sample.messages(upto), add_generation_prompt=True)
+
+
+def encode_sample(processor: Any, sample: Sample, max_length: int) -> dict[str, Any]:
+    """input_ids, labels (-100 outside assistant turns) and the processor's image tensors."""
+    import torch
+
+    pieces: list[tuple[str, bool]] = []  # (text, is_assistant)
+    rendered = ""
+    for i, (role, _) in enumerate(sample.turns):
+        if role != "assistant":
+            continue
+        prompt = prompt_text(processor, sample, i)
+        full = processor.apply_chat_template(sample.messages(i + 1))
+        if not prompt.startswith(rendered) or not full.startswith(prompt):
+            raise UserError("the model's chat template does not render conversations prefix by prefix; edgetune cannot mask the prompt")
+        pieces += [(prompt[len(rendered):], False), (full[len(prompt):], True)]
+        rendered = full
+    images = [open_image(p) for p in sample.images]
+    first = processor(text=[pieces[0][0]], images=images or None, return_tensors="pt")
+    ids = [first["input_ids"][0]]
+    labels = [torch.full_like(ids[0], -100)]
+    tokenizer = getattr(processor, "tokenizer", processor)
+    for text, is_assistant in pieces[1:]:
+        piece = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        ids.append(piece)
+        labels.append(piece.clone() if is_assistant else torch.full_like(piece, -100))
+    input_ids, label_ids = torch.cat(ids), torch.cat(labels)
+    if len(input_ids) > max_length:
+        raise UserError(
+            f"sample {sample.id}: {len(input_ids)} tokens (image tokens included) exceed data.max_length={max_length}; "
+            "raise data.max_length or shorten the conversation"
+        )
+    extras = {k: v for k, v in first.items() if k not in ("input_ids", "attention_mask")}
+    return {"input_ids": input_ids, "labels": label_ids, **extras}
+
+
+def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Right-pad to the longest sample; image tensors are concatenated along dim 0
+    (one row per image for fixed-size families, one per patch for dynamic-resolution ones)."""
+    import torch
+
+    length = max(len(b["input_ids"]) for b in batch)
+    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = b["input_ids"], b["labels"], 1
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    for key in batch[0]:
+        if key not in out:
+            out[key] = torch.cat([b[key] for b in batch])
+    return out
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(text.lower().strip().rstrip(".!?").split())

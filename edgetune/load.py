@@ -1,0 +1,134 @@
+"""Load the frozen backbone: the LLM's linear layers quantized (bitsandbytes NF4 by default),
+the vision tower, connector, embeddings, norms and lm_head kept in the compute dtype."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from edgetune.errors import UserError
+from edgetune.families import FAMILIES, ModelFamily
+from edgetune.recipe import ModelSection, QuantizationSection
+
+
+@dataclass
+class Backbone:
+    model: Any  # a transformers *ForConditionalGeneration
+    processor: Any
+    family: ModelFamily
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device: cuda was asked for but no CUDA GPU is visible; use auto or cpu")
+    return torch.device(device)
+
+
+def resolve_compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """fp32 on CPU (bf16 matmuls there are slow and lossy); bf16 on CUDA where supported, else fp16."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and precision == "fp16":
+        raise UserError("train.precision: fp16 needs a CUDA GPU; use fp32 (or auto) on CPU")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def detect_family(model: ModelSection) -> tuple[ModelFamily, Any]:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise UserError(
+                f"model.path: {model.path} needs custom code from its repository; edgetune does not run it "
+                "unless you set model.trust_remote_code: true"
+            ) from None
+        raise UserError(f"model.path: {model.path}: {str(err).splitlines()[0]}") from None
+    except OSError as err:
+        raise UserError(f"model.path: cannot load {model.path} ({str(err).splitlines()[0]}); use a local model directory or a reachable hub id") from None
+    if config.model_type not in FAMILIES:
+        raise UserError(
+            f"model.path: {model.path} is a '{config.model_type}' model, which edgetune does not support; "
+            f"supported families: {', '.join(sorted(FAMILIES))}"
+        )
+    return FAMILIES[config.model_type], config
+
+
+def quantization_config(quant: QuantizationSection, family: ModelFamily, compute_dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if quant.mode == "none":
+        return None
+    skip = family.keep_precise()
+    if quant.mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+        llm_int8_skip_modules=skip,
+    )
+
+
+def load_processor(path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoProcessor
+
+    # The slow image processors are the reference the torch-free runtime reproduces exactly.
+    return AutoProcessor.from_pretrained(path, use_fast=False, trust_remote_code=trust_remote_code)
+
+
+def load_backbone(
+    model: ModelSection,
+    quant: QuantizationSection,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+) -> Backbone:
+    """The frozen model with every parameter's requires_grad off, in eval mode."""
+    family, _ = detect_family(model)
+    kwargs: dict[str, Any] = dict(
+        dtype=compute_dtype,
+        device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"},
+        trust_remote_code=model.trust_remote_code,
+    )
+    qconfig = quantization_config(quant, family, compute_dtype)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    hf_model = family.model_class().from_pretrained(model.path, **kwargs)
+    keep_4bit_layout_trainable(hf_model)
+    hf_model.requires_grad_(False)
+    hf_model.eval()
+    return Backbone(hf_model, load_processor(model.path, model.trust_remote_code), family)
+
+
+def keep_4bit_layout_trainable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking NF4 weights for its AVX512-BF16 CPU kernel.
+
+    On such CPUs a Linear4bit that runs once in eval mode without grad (a held-out evaluation)
+    converts its weight, for good, to a layout served by ``gemv_4bit``, which has no backward:
+    later training steps would silently drop the gradient through every frozen 4-bit layer, and
+    the bf16 scales would no longer match what ``dequantize`` and the merge see.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total); 4-bit weights count as their logical number of parameters."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            n *= 2  # two 4-bit values are packed per uint8 element
+        total += n
+        trainable += n if param.requires_grad else 0
+    return trainable, total

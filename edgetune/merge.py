@@ -1,0 +1,100 @@
+"""Merge a trained run into a plain full-precision transformers model directory.
+
+QLoRA's adapter was trained against the NF4-quantized base, so the merge uses exactly those
+weights: load the base as training did, dequantize the 4-bit layers to fp32, attach the adapter,
+and only then fold it in. Merging into the NF4 weights and re-quantizing (peft's default on a
+4-bit model) would add a second rounding error on top of the adapter's delta.
+
+The merged directory holds the model (safetensors), tokenizer, processor and ``edgetune.json``
+(where it came from, and the measured max |logit difference| between the adapted model on the
+dequantized base and the merged model).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgetune.data import collate, encode_sample, load_samples
+from edgetune.errors import UserError
+from edgetune.io import atomic_output_dir
+from edgetune.load import Backbone, load_backbone
+from edgetune.methods import get_method
+from edgetune.progress import console
+from edgetune.recipe import Recipe, load_recipe
+
+MERGE_TOLERANCE = 1e-3  # fp32 merge: only summation order differs
+
+
+@dataclass
+class MergeReport:
+    merged_dir: str
+    max_logit_diff: float
+    tolerance: float
+
+
+def load_run(run_dir: Path) -> Recipe:
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "adapter").is_dir():
+        raise UserError(f"{run_dir} is not a training run (needs recipe.yaml and adapter/); pass the --out of `edgetune train`")
+    return load_recipe(run_dir / "recipe.yaml")
+
+
+def dequantize_to_fp32(model: Any) -> Any:
+    """Replace every bitsandbytes layer by an fp32 nn.Linear holding its dequantized weight."""
+    model = model.dequantize()
+    # transformers 4.57 clears this marker on the top-level config only; a sub-config that keeps
+    # it holds a torch.dtype, which save_pretrained cannot write as JSON.
+    for sub in model.config.sub_configs:
+        getattr(model.config, sub).__dict__.pop("_pre_quantization_dtype", None)
+    return model
+
+
+def load_adapted(run_dir: Path, dequantize: bool) -> tuple[Backbone, Any, Recipe]:
+    """The run's backbone (on CPU, fp32) with its trained method attached, in eval mode.
+
+    dequantize: replace the 4-bit layers by fp32 copies of exactly the values training saw.
+    """
+    recipe = load_run(run_dir)
+    method = get_method(recipe.method, str(Path(run_dir) / "recipe.yaml"))
+    backbone = load_backbone(recipe.model, recipe.quantization, torch.device("cpu"), torch.float32)
+    if dequantize and recipe.quantization.mode != "none":
+        backbone.model = dequantize_to_fp32(backbone.model)
+    adapted = method.load(backbone.model, Path(run_dir) / "adapter")
+    adapted.eval()
+    return backbone, adapted, recipe
+
+
+def probe_batch(recipe: Recipe, processor: Any) -> dict[str, Any]:
+    """A couple of real samples from the run's data, to compare logits on."""
+    samples = load_samples(recipe.data.eval or recipe.data.train)[:2]
+    items = [encode_sample(processor, s, recipe.data.max_length) for s in samples]
+    batch = collate(items, processor.tokenizer.pad_token_id)
+    batch.pop("labels")
+    return batch
+
+
+def dequantize_then_merge(run_dir: Path, out_dir: Path, overwrite: bool = False) -> MergeReport:
+    backbone, adapted, recipe = load_adapted(run_dir, dequantize=True)
+    method = get_method(recipe.method)
+    if not method.mergeable:
+        raise UserError(f"method '{method.name}' cannot be merged into the weights; export the run directly")
+    batch = probe_batch(recipe, backbone.processor)
+    with atomic_output_dir(out_dir, overwrite) as scratch, torch.no_grad():
+        with console.status("merging adapter into the dequantized base"):
+            before = adapted(**batch).logits
+            merged = method.merge(adapted)
+            after = merged(**batch).logits
+        diff = float((before - after).abs().max())
+        if diff > MERGE_TOLERANCE:
+            raise UserError(f"merge check failed: max |logit diff| {diff:.2e} > {MERGE_TOLERANCE:.0e} between adapted and merged model")
+        merged.save_pretrained(scratch, safe_serialization=True)
+        backbone.processor.save_pretrained(scratch)
+        report = MergeReport(str(out_dir), diff, MERGE_TOLERANCE)
+        provenance = {"run_dir": str(Path(run_dir).resolve()), "recipe": recipe.to_yaml_dict(), "merge": asdict(report)}
+        (scratch / "edgetune.json").write_text(json.dumps(provenance, indent=2))
+    return report

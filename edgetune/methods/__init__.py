@@ -1,0 +1,28 @@
+"""The PEFT-method registry: ``method.name`` in a recipe -> PeftMethod."""
+
+from __future__ import annotations
+
+from edgetune.errors import UserError
+from edgetune.methods.base import PeftMethod
+from edgetune.methods.lora import LoraMethod
+from edgetune.recipe import MethodSection
+
+METHODS: dict[str, PeftMethod] = {
+    "lora": LoraMethod(),
+}
+
+COMMON_OPTIONS = frozenset({"name", "train_connector"})
+
+
+def get_method(config: MethodSection, source: str = "recipe") -> PeftMethod:
+    """The registry entry for ``config.name``, after checking every key set applies to it."""
+    if config.name not in METHODS:
+        raise UserError(f"{source}: method.name: unknown method '{config.name}'; known: {', '.join(sorted(METHODS))}")
+    method = METHODS[config.name]
+    stray = sorted(config.model_fields_set - COMMON_OPTIONS - method.options)
+    if stray:
+        raise UserError(
+            f"{source}: method.{stray[0]} does not apply to method '{method.name}'; "
+            f"its options: {', '.join(sorted(method.options | COMMON_OPTIONS))}"
+        )
+    return method

@@ -1,0 +1,172 @@
+"""The YAML recipe, read once at the edge into typed, validated config.
+
+Sections: model, quantization, method, data, train, export. Relative paths resolve against the
+recipe file's directory. Any problem (unknown key, wrong type, missing file) becomes a UserError
+naming the file and the key path, so the core only ever sees a valid ``Recipe``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgetune.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    path: str  # hub id or local directory
+    trust_remote_code: bool = False
+
+
+class QuantizationSection(Section):
+    mode: Literal["nf4", "int8", "none"] = "nf4"
+    double_quant: bool = True  # NF4's quantized quantization constants: ~0.4 bit/param saved
+
+
+class MethodSection(Section):
+    """Options common to every method plus each method's own; the method's registry entry
+    rejects the options it does not use (see edgetune.methods)."""
+
+    name: str = "lora"
+    train_connector: bool = True
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    placement: Literal["attn", "mlp", "both"] = "both"
+    layers: list[int] | None = None  # LLM layer indices to adapt; None = all
+
+
+class DataSection(Section):
+    train: Path
+    eval: Path | None = None
+    max_length: int = Field(1024, gt=0)
+
+
+class TrainSection(Section):
+    max_steps: int = Field(200, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw"
+    gradient_checkpointing: bool = True
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on CUDA, fp32 on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    eval_every: int = Field(50, ge=0)  # 0 = only at the end
+    eval_samples: int = Field(64, gt=0)
+    max_new_tokens: int = Field(16, gt=0)
+
+
+class ExportSection(Section):
+    precision: Literal["fp32", "fp16", "int8", "int4"] = "fp32"
+
+
+class Recipe(Section):
+    model: ModelSection
+    quantization: QuantizationSection = QuantizationSection()
+    method: MethodSection = MethodSection()
+    data: DataSection
+    train: TrainSection = TrainSection()
+    export: ExportSection = ExportSection()
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``train.lr=1e-3`` -> (["train", "lr"], 0.001); the value is parsed as YAML."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected key.path=value, e.g. --set train.max_steps=50")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {item!r}: {part} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        section = _section_of(first["loc"])
+        known = ", ".join(section.model_fields) if section else ""
+        return f"{source}: unknown key '{key}'" + (f" (known keys here: {known})" if known else "")
+    if kind == "missing":
+        return f"{source}: missing required key '{key}'"
+    return f"{source}: {key}: {first['msg']} (got {first.get('input')!r})"
+
+
+def _section_of(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return None
+        model = field.annotation
+    return model
+
+
+def recipe_from_dict(raw: Any, source: str, base_dir: Path) -> Recipe:
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: a recipe is a YAML mapping with sections model, data, method, train, ...")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_format_error(source, err)) from None
+    return _resolve_paths(recipe, source, base_dir)
+
+
+def _resolve_paths(recipe: Recipe, source: str, base_dir: Path) -> Recipe:
+    for key in ("train", "eval"):
+        value = getattr(recipe.data, key)
+        if value is None:
+            continue
+        path = value if value.is_absolute() else (base_dir / value).resolve()
+        if not path.is_file():
+            raise UserError(f"{source}: data.{key}: file {path} does not exist; fix the path (relative paths start at the recipe's folder)")
+        setattr(recipe.data, key, path)
+    local = Path(recipe.model.path)
+    local = local if local.is_absolute() else base_dir / local
+    if local.exists():
+        recipe.model.path = str(local.resolve())
+    elif recipe.model.path.startswith((".", "/", "~")) or recipe.model.path.count("/") != 1:
+        raise UserError(f"{source}: model.path: {local} does not exist and is not a hub id (owner/name); fix the path")
+    return recipe
+
+
+def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    raw = apply_overrides(raw or {}, overrides or [])
+    return recipe_from_dict(raw, str(path), path.parent.resolve())
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False))
