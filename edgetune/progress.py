@@ -31,3 +31,18 @@ def step_progress(description: str) -> Progress:
         console=console,
         transient=False,
     )
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for edgetune's own output: the libraries' info-level chatter goes."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for noisy in ("transformers", "peft", "torch.onnx", "onnxscript"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*no longer tied after merging.*")
+    warnings.filterwarnings("ignore", message=".*use_cache=True.*gradient checkpointing.*")
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -13,3 +13,34 @@ def tiny_llava_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-llava")
     FAMILIES["llava"].build_tiny(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def task_dir(tmp_path_factory):
+    """A small copy of the quickstart's built-in task: data/train.json, data/eval.json, images/."""
+    from edgetune.builtin_task import write_task
+
+    out = tmp_path_factory.mktemp("task")
+    write_task(out / "data", train_count=48, eval_count=16)
+    return out
+
+
+@pytest.fixture
+def write_recipe(tiny_llava_dir, task_dir, tmp_path):
+    """Write a recipe YAML (tiny LLaVA + built-in task) with per-test changes; returns its path."""
+    import yaml
+
+    def write(**sections):
+        recipe = {
+            "model": {"path": str(tiny_llava_dir)},
+            "method": {"name": "lora", "rank": 4, "alpha": 8, "dropout": 0.0},
+            "data": {"train": str(task_dir / "data/train.json"), "eval": str(task_dir / "data/eval.json"), "max_length": 128},
+            "train": {"max_steps": 8, "lr": 3e-3, "batch_size": 4, "warmup_steps": 1, "eval_every": 0},
+        }
+        for name, values in sections.items():
+            recipe.setdefault(name, {}).update(values)
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return write

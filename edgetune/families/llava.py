@@ -100,6 +100,9 @@ class LlavaFamily(ModelFamily):
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
                 tie_word_embeddings=False,
+                # A trained LM head has rows large enough for confident logits; with the default
+                # 0.02 a frozen random head caps logits near +-1 and no adapter can fit the data.
+                initializer_range=0.3,
             ),
             image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
             vision_feature_select_strategy="default",

@@ -1,0 +1,187 @@
+"""The ``edgetune`` command line: one verb per stage, each reading the previous stage's artifact.
+
+Bad input raises UserError anywhere below; here it becomes one line on stderr and exit code 2
+(the traceback only with --debug). Heavy imports (torch, transformers) happen inside the verbs
+that need them, so ``infer`` and ``eval`` on a bundle stay torch-free.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+from edgetune.errors import UserError
+
+app = typer.Typer(
+    help="Fine-tune a multimodal LLM on a 4-bit backbone, merge, export to ONNX, run it offline.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+DEBUG = {"on": bool(os.environ.get("EDGETUNE_DEBUG"))}
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    DEBUG["on"] = DEBUG["on"] or debug
+    if DEBUG["on"]:
+        os.environ["EDGETUNE_DEBUG"] = "1"
+    else:
+        from edgetune.progress import quiet_libraries
+
+        quiet_libraries()
+
+
+def user_errors(command: Callable) -> Callable:
+    """UserError -> one line on stderr, exit 2; anything else -> one line, exit 1 (tracebacks with --debug)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except UserError as err:
+            if DEBUG["on"]:
+                raise
+            typer.secho(f"error: {err}", fg="red", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.secho("interrupted; nothing was written", err=True)
+            raise typer.Exit(130) from None
+        except Exception as err:
+            if DEBUG["on"]:
+                raise
+            typer.secho(f"error: {type(err).__name__}: {err} (re-run with --debug for the traceback)", fg="red", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def quickstart(
+    out: Path = typer.Option(Path("quickstart-out"), "--out", help="Directory for everything the quickstart makes."),
+    family: str = typer.Option("llava", "--family", help="Model family of the tiny model."),
+    steps: int = typer.Option(400, "--steps", help="Training steps."),
+) -> None:
+    """Run the whole chain offline on a tiny model and a built-in task: train, merge, export, answer with ONNX."""
+    from edgetune.quickstart import run_quickstart
+
+    run_quickstart(out, family=family, steps=steps)
+
+
+@app.command()
+@user_errors
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key: --set train.lr=1e-4 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<recipe name>-<time>)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+) -> None:
+    """Fine-tune a PEFT method on the 4-bit backbone per RECIPE; writes a run directory."""
+    from edgetune.recipe import load_recipe
+    from edgetune.train import train as run_training
+
+    parsed = load_recipe(recipe, set_ or [])
+    run_dir = out or Path("runs") / f"{recipe.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = run_training(parsed, run_dir, overwrite)
+    typer.echo(f"run written to {run_dir} (loss {result.first_loss:.3f} -> {result.final_loss:.3f}, {result.train_seconds:.0f}s)")
+
+
+@app.command()
+@user_errors
+def merge(
+    run_dir: Path = typer.Argument(..., help="A run directory from `edgetune train`."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Merged model directory (default: RUN_DIR-merged)."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Dequantize the 4-bit base to fp32, merge the adapter there, save a transformers model directory."""
+    from edgetune.merge import dequantize_then_merge
+
+    report = dequantize_then_merge(run_dir, out or run_dir.with_name(run_dir.name + "-merged"), overwrite)
+    typer.echo(f"merged model written to {report.merged_dir}; max |logit diff| adapted vs merged: {report.max_logit_diff:.2e}")
+
+
+@app.command()
+@user_errors
+def export(
+    source: Path = typer.Argument(..., help="A run directory or a merged model directory."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Bundle directory (default: export/<name>)."),
+    precision: str = typer.Option("fp32", "--precision", help="Weight precision of the graphs."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Export to an ONNX bundle (vision, embeddings, decoder with KV cache) and check parity with PyTorch."""
+    from edgetune.pipeline import export_any
+
+    bundle = out or Path("export") / source.name
+    manifest = export_any(source, bundle, precision, overwrite)
+    worst = max(c["max_abs_diff"] for c in manifest["parity"]["checks"]) if manifest.get("parity") else float("nan")
+    typer.echo(f"bundle written to {bundle} (parity max |logit diff| {worst:.1e})")
+
+
+@app.command()
+@user_errors
+def infer(
+    bundle: Path = typer.Argument(..., help="A bundle directory from `edgetune export`."),
+    image: Path = typer.Option(..., "--image", help="Image file."),
+    prompt: str = typer.Option(..., "--prompt", help="Question or instruction."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+) -> None:
+    """Answer PROMPT about IMAGE with the ONNX bundle (onnxruntime only; no torch), streaming tokens."""
+    from edgetune.runtime import OnnxVLM
+
+    vlm = OnnxVLM.load(bundle)
+    for piece in vlm.stream(image, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    path: Path = typer.Argument(..., help="A run directory, merged model directory or bundle."),
+    data: Path = typer.Option(..., "--data", help="LLaVA-format JSON with reference answers."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the JSON report (default: PATH/eval.json)."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens"),
+) -> None:
+    """Held-out accuracy (exact match of the first answer); prints it and writes it as JSON."""
+    from edgetune.data import load_samples
+    from edgetune.evaluate import evaluate_path
+
+    samples = load_samples(data)
+    report = evaluate_path(path, samples, max_new_tokens)
+    target = out or Path(path) / "eval.json"
+    target.write_text(report.to_json())
+    typer.echo(f"accuracy {report.accuracy:.3f} ({report.correct}/{report.total}) -> {target}")
+
+
+@app.command("tiny-model")
+@user_errors
+def tiny_model(
+    family: str = typer.Argument(..., help="Model family, as transformers spells its model_type (e.g. llava)."),
+    out: Path = typer.Option(..., "--out", help="Directory to write the model to."),
+) -> None:
+    """Write an offline tiny random-weight model (config, safetensors, tokenizer, processor)."""
+    from edgetune.families import get_family
+    from edgetune.io import atomic_output_dir
+
+    chosen = get_family(family)
+    with atomic_output_dir(out) as scratch:
+        chosen.build_tiny(scratch)
+    typer.echo(f"tiny {family} model written to {out}")
+
+
+if __name__ == "__main__":
+    app()

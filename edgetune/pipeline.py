@@ -1,0 +1,25 @@
+"""Stage glue for verbs that accept more than one kind of artifact."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from edgetune.errors import UserError
+
+
+def export_any(source: Path, bundle: Path, precision: str, overwrite: bool = False) -> dict:
+    """Export a merged model directory, or a run directory (merged first, in a temporary directory)."""
+    from edgetune.evaluate import kind_of_dir
+    from edgetune.export import export_bundle
+    from edgetune.merge import dequantize_then_merge
+
+    kind = kind_of_dir(source)
+    if kind == "bundle":
+        raise UserError(f"{source} is already an ONNX bundle; pass a run or merged model directory")
+    if kind == "model":
+        return export_bundle(source, bundle, precision, overwrite)
+    with tempfile.TemporaryDirectory(prefix="edgetune-merge-") as tmp:
+        merged = Path(tmp) / "merged"
+        dequantize_then_merge(source, merged)
+        return export_bundle(merged, bundle, precision, overwrite)
