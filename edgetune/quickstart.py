@@ -76,6 +76,7 @@ def run_quickstart(out: Path, family: str = "llava", steps: int = 400) -> dict[s
     from edgetune.merge import dequantize_then_merge
     from edgetune.recipe import load_recipe
     from edgetune.runtime import OnnxVLM
+    from edgetune.runtime.speed import decode_tokens_per_second
     from edgetune.train import train
 
     chosen = get_family(family)
@@ -101,7 +102,7 @@ def run_quickstart(out: Path, family: str = "llava", steps: int = 400) -> dict[s
             manifest = export_bundle(out / "merged", out / "bundle", recipe.export.precision)
         with clock.stage("accuracy after export (onnx)"):
             after_onnx = evaluate_path(out / "bundle", held_out, 8)
-            decode = OnnxVLM.load(out / "bundle").decode_speed(held_out[0].images[0], held_out[0].question, tokens=64)
+            decode = decode_tokens_per_second(OnnxVLM.load(out / "bundle"), held_out[0].images[0], held_out[0].question)
         bundle_mb = sum(f.stat().st_size for f in (out / "bundle").rglob("*") if f.is_file()) / 2**20
         summary = {
             "family": chosen.name,
