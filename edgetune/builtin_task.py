@@ -25,7 +25,7 @@ def draw_shape(rng: random.Random, color: str, shape: str) -> Image.Image:
     background = tuple(rng.randint(200, 255) for _ in range(3))
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), background)
     draw = ImageDraw.Draw(image)
-    size = rng.randint(IMAGE_SIZE // 3, IMAGE_SIZE * 3 // 4)
+    size = rng.randint(IMAGE_SIZE // 2, IMAGE_SIZE * 7 // 8)
     x0, y0 = rng.randint(0, IMAGE_SIZE - size), rng.randint(0, IMAGE_SIZE - size)
     box = (x0, y0, x0 + size, y0 + size)
     fill = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in COLORS[color])
@@ -61,5 +61,5 @@ def write_split(out_dir: Path, name: str, count: int, seed: int) -> Path:
     return path
 
 
-def write_task(out_dir: Path, train_count: int = 240, eval_count: int = 60) -> tuple[Path, Path]:
+def write_task(out_dir: Path, train_count: int = 1000, eval_count: int = 60) -> tuple[Path, Path]:
     return write_split(out_dir, "train", train_count, seed=1), write_split(out_dir, "eval", eval_count, seed=2)

@@ -70,7 +70,7 @@ def user_errors(command: Callable) -> Callable:
 def quickstart(
     out: Path = typer.Option(Path("quickstart-out"), "--out", help="Directory for everything the quickstart makes."),
     family: str = typer.Option("llava", "--family", help="Model family of the tiny model."),
-    steps: int = typer.Option(400, "--steps", help="Training steps."),
+    steps: int = typer.Option(800, "--steps", help="Training steps."),
 ) -> None:
     """Run the whole chain offline on a tiny model and a built-in task: train, merge, export, answer with ONNX."""
     from edgetune.quickstart import run_quickstart

@@ -30,8 +30,8 @@ def quickstart_recipe(steps: int) -> dict[str, Any]:
         "quantization": {"mode": "nf4", "double_quant": True},
         "method": {"name": "lora", "rank": 8, "alpha": 16, "dropout": 0.0, "placement": "both", "train_connector": True},
         "data": {"train": "data/train.json", "eval": "data/eval.json", "max_length": 128},
-        "train": {"max_steps": steps, "lr": 3e-3, "batch_size": 8, "warmup_steps": 10, "schedule": "cosine",
-                  "gradient_checkpointing": True, "seed": 0, "eval_every": 100},
+        "train": {"max_steps": steps, "lr": 3e-3, "batch_size": 8, "warmup_steps": 20, "schedule": "cosine",
+                  "gradient_checkpointing": True, "seed": 0, "eval_every": 200},
         "export": {"precision": "fp32"},
     }
 
@@ -64,7 +64,7 @@ class Stages:
         console.print(f"[dim]{name}: {self.seconds[name]:.1f}s")
 
 
-def run_quickstart(out: Path, family: str = "llava", steps: int = 400) -> dict[str, Any]:
+def run_quickstart(out: Path, family: str = "llava", steps: int = 800) -> dict[str, Any]:
     import torch
 
     from edgetune.builtin_task import write_task

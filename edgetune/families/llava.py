@@ -29,13 +29,19 @@ class LlavaFamily(ModelFamily):
     layers = "model.language_model.layers"
 
     def image_features(self, model: Any, pixel_values: Any) -> Any:
+        """LlavaModel.get_image_features, returned as one tensor instead of a per-image list
+        (transformers 4.57 unbinds the batch, which would fix the batch size in an ONNX trace)."""
+        import torch
+
+        from edgetune.families.base import get_module
+
         config = model.config
-        features = model.model.get_image_features(
-            pixel_values=pixel_values,
-            vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy,
-        )
-        return features
+        hidden_states = get_module(model, self.vision_tower)(pixel_values, output_hidden_states=True).hidden_states
+        layers = config.vision_feature_layer
+        selected = [hidden_states[i] for i in ([layers] if isinstance(layers, int) else layers)]
+        if config.vision_feature_select_strategy == "default":
+            selected = [states[:, 1:] for states in selected]  # drop CLIP's CLS token
+        return get_module(model, self.connector)(torch.cat(selected, dim=-1))
 
     def build_tiny(self, out_dir: Path) -> None:
         import torch

@@ -1,0 +1,296 @@
+"""export_bundle: a (merged) model directory -> an ONNX bundle the torch-free runtime runs.
+
+The bundle format (manifest.json fields, graph inputs and outputs, tolerances) is documented in
+export/README.md. Stages, all inside a scratch directory that becomes ``out_dir`` only if every
+stage succeeds (edgetune.io.atomic_output_dir), so a failed export leaves nothing behind:
+
+1. trace vision.onnx, embed.onnx and decoder.onnx at fp32 (edgetune.export.graphs);
+2. precision: fp32 is what the exporter writes; fp16/int8/int4 will be onnxruntime.quantization
+   passes over those fp32 files, inserted here, each with its own tolerance in TOLERANCES;
+3. write the tokenizer and preprocessor files and manifest.json;
+4. parity: load the bundle with the runtime's own OnnxVLM, feed it what the HF processor makes of
+   a real image and prompt (batch 1 and 2; prefill with past 0, then one decode step with past > 0)
+   and compare with the PyTorch model's full forward. Beyond tolerance raises ParityError.
+
+Everything a family does differently at the prompt/image boundary lives in FAMILY_CONVENTIONS
+(LLaVA: CLIP preprocessing, one "<image>" placeholder expanded to N image tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from rich.console import Console
+from transformers import AutoProcessor
+
+from edgetune.errors import UserError
+from edgetune.export.graphs import describe_graph, export_graph, graph_specs, text_dims
+from edgetune.families import family_of_model_dir
+from edgetune.families.base import ModelFamily
+from edgetune.io import atomic_output_dir
+from edgetune.runtime import OnnxVLM
+from edgetune.runtime.bundle import FORMAT_VERSION, MANIFEST_FILE
+from edgetune.runtime.generate import positions_from_mask
+
+# Max |logit diff| against PyTorch that an export at each precision must meet.
+TOLERANCES = {"fp32": 1e-3}
+PROMPT_SENTINEL = "EDGETUNE_PROMPT_SENTINEL"
+PARITY_STEPS = {"prefill": "prefill, past 0", "decode": "decode 1 token, past = prompt"}
+PARITY_PROMPTS = ["What color is the shape?", "Describe the picture. What shape is this? One word."]
+
+
+class ParityError(UserError):
+    """An exported graph disagrees with PyTorch beyond the precision's tolerance."""
+
+
+def export_bundle(model_dir: Path, out_dir: Path, precision: str = "fp32", overwrite: bool = False) -> dict:
+    """Export ``model_dir`` to ``out_dir``; returns the manifest (also written as manifest.json)."""
+    if precision not in TOLERANCES:
+        raise UserError(f"precision '{precision}' is not available yet; available: {', '.join(TOLERANCES)}")
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    family = family_of_model_dir(model_dir, where="export")
+    conventions = family_conventions(family)
+    console = Console(file=sys.stderr)  # bound now: the exporter's output is redirected while it runs
+    started = time.perf_counter()
+    with atomic_output_dir(out_dir, overwrite) as scratch:
+        with console.status(f"loading {model_dir}"):
+            model = family.model_class().from_pretrained(model_dir, dtype=torch.float32).eval()
+            processor = AutoProcessor.from_pretrained(model_dir, use_fast=False)
+        image, prompt = conventions(family, model, processor, model_dir)
+        graphs = {}
+        for spec in graph_specs(family, model, tuple(image["size"])):
+            with console.status(f"exporting {spec.name}.onnx"):
+                graphs[spec.name] = describe_graph(export_graph(spec, scratch))
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "family": family.name,
+            "precision": precision,
+            "graphs": graphs,
+            "text": vars(text_dims(family, model)),
+            "image": image,
+            "tokenizer": save_tokenizer(processor, model, scratch, model_dir),
+            "prompt": prompt,
+            "source": source_of(model_dir),
+        }
+        write_manifest(scratch, manifest)  # the runtime loads the bundle through it; parity is added below
+        with console.status("checking ONNX against PyTorch"):
+            vlm = OnnxVLM.load(scratch)
+            manifest["parity"] = check_parity(family, model, processor, vlm, TOLERANCES[precision])
+        write_manifest(scratch, manifest)
+    worst = max(check["max_abs_diff"] for check in manifest["parity"]["checks"])
+    console.print(
+        f"exported {out_dir} in {time.perf_counter() - started:.0f}s "
+        f"(max |logit diff| vs PyTorch {worst:.1e}, tolerance {TOLERANCES[precision]:g})",
+        soft_wrap=True,
+    )
+    return manifest
+
+
+# ---- parity ------------------------------------------------------------------------------------
+
+
+def check_parity(family: ModelFamily, model: Any, processor: Any, vlm: OnnxVLM, tolerance: float) -> dict:
+    """Compare the bundle with PyTorch on batch 1 and 2; raise ParityError naming the first graph
+    beyond tolerance (vision and embed are compared on their own outputs, the decoder on logits)."""
+    images = [parity_image(0), parity_image(1)]
+    checks = []
+    for batch in (1, 2):
+        diffs = compare_with_pytorch(family, model, processor, vlm, images[:batch], PARITY_PROMPTS[:batch])
+        for name, diff in diffs.items():
+            graph = name if name in ("vision", "embed") else "decoder"
+            inputs = f"batch {batch}, {PARITY_STEPS.get(name, name)}"
+            checks.append({"graph": f"{graph}.onnx", "inputs": inputs, "max_abs_diff": diff})
+    for check in checks:
+        if check["max_abs_diff"] > tolerance:
+            raise ParityError(
+                f"{check['graph']} differs from PyTorch by {check['max_abs_diff']:.3g} "
+                f"({check['inputs']}); tolerance is {tolerance:g}. "
+                "Set EDGETUNE_DEBUG=1 and re-run to see the exporter's log"
+            )
+    return {"tolerance": tolerance, "checks": checks}
+
+
+def compare_with_pytorch(
+    family: ModelFamily,
+    model: Any,
+    processor: Any,
+    vlm: OnnxVLM,
+    images: list[Image.Image],
+    prompts: list[str],
+) -> dict[str, float]:
+    """Max |ONNX - PyTorch| for one left-padded batch: "vision" and "embed" on their outputs,
+    "prefill" on the logits of every real prompt token (past 0), "decode" on the logits of one
+    greedy token fed on top of the prefill's cache (past = padded prompt length)."""
+    texts = [render_prompt(processor, prompt) for prompt in prompts]
+    inputs = processor(images=images, text=texts, padding=True, padding_side="left", return_tensors="pt")
+    ids, mask, pixels = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
+    (onnx_images,) = vlm.sessions["vision"].run(None, {"pixel_values": pixels.numpy()})
+    (onnx_embeds,) = vlm.sessions["embed"].run(None, {"input_ids": ids.numpy()})
+    logits, past = vlm.forward(ids.numpy(), mask.numpy(), pixel_values=pixels.numpy())
+    next_ids = logits[:, -1].argmax(-1)[:, None]
+    longer_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    step_logits, _ = vlm.forward(next_ids, longer_mask.numpy(), past)
+    with torch.no_grad():
+        torch_images = family.image_features(model, pixels)
+        torch_embeds = model.get_input_embeddings()(ids)
+        full = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=positions(mask))
+        longer = torch.cat([ids, torch.from_numpy(next_ids)], dim=1)
+        step = model(
+            input_ids=longer,
+            pixel_values=pixels,
+            attention_mask=longer_mask,
+            position_ids=positions(longer_mask),
+        )
+    real = mask.bool().numpy()  # padding rows attend to nothing; their logits are meaningless
+    return {
+        "vision": max_abs_diff(onnx_images, torch_images),
+        "embed": max_abs_diff(onnx_embeds, torch_embeds),
+        "prefill": max_abs_diff(logits[real], full.logits.numpy()[real]),
+        "decode": max_abs_diff(step_logits[:, -1], step.logits[:, -1]),
+    }
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(positions_from_mask(mask.numpy()))
+
+
+def max_abs_diff(a: Any, b: Any) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+def parity_image(index: int) -> Image.Image:
+    """A small non-square picture (a shape on a plain background), so resize and crop both act."""
+    width, height = (48, 40) if index % 2 == 0 else (37, 53)
+    image = Image.new("RGB", (width, height), [(250, 250, 240), (20, 30, 60)][index % 2])
+    draw = ImageDraw.Draw(image)
+    if index % 2 == 0:
+        draw.ellipse([8, 6, 38, 34], fill=(220, 30, 40))
+    else:
+        draw.polygon([(18, 5), (33, 45), (3, 45)], fill=(40, 200, 90))
+    return image
+
+
+def render_prompt(processor: Any, prompt: str) -> str:
+    """The chat-formatted single-turn text for one image and ``prompt``, as the HF processor renders it."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+# ---- the prompt/image boundary, per family -----------------------------------------------------
+
+
+def llava_conventions(
+    family: ModelFamily, model: Any, processor: Any, model_dir: Path
+) -> tuple[dict, dict]:
+    """The manifest's "image" and "prompt" sections for LLaVA-style models.
+
+    LLaVA: a CLIP-style processor (shortest-edge resize, center crop, fixed size), one "<image>"
+    placeholder in the prompt expanded to one image token per image embedding, and the image
+    embeddings replace those tokens' rows in inputs_embeds.
+    """
+    ip = processor.image_processor
+    if "shortest_edge" not in ip.size or not ip.do_center_crop:
+        raise UserError(
+            f"{model_dir}/preprocessor_config.json: export supports CLIP-style preprocessing "
+            f"(size.shortest_edge and do_center_crop); "
+            f"got size={ip.size}, do_center_crop={ip.do_center_crop}"
+        )
+    size = [ip.crop_size["height"], ip.crop_size["width"]]
+    with torch.no_grad():
+        tokens_per_image = family.image_features(model, torch.zeros(1, 3, *size)).shape[1]
+    image = {
+        "token": processor.image_token,
+        "token_id": family.image_token_id(model.config),
+        "tokens_per_image": int(tokens_per_image),
+        "size": size,
+        "merge": "replace_image_tokens",
+        "preprocess": {
+            "convert_rgb": bool(ip.do_convert_rgb),
+            "resize_shortest_edge": ip.size["shortest_edge"] if ip.do_resize else None,
+            "resample": Image.Resampling(ip.resample).name.lower(),
+            "crop_size": size,
+            "rescale_factor": ip.rescale_factor if ip.do_rescale else None,
+            "mean": list(ip.image_mean) if ip.do_normalize else None,
+            "std": list(ip.image_std) if ip.do_normalize else None,
+        },
+    }
+    return image, prompt_section(processor, processor.image_token, model_dir)
+
+
+FAMILY_CONVENTIONS = {"llava": llava_conventions}
+
+
+def family_conventions(family: ModelFamily):
+    if family.name not in FAMILY_CONVENTIONS:
+        supported = ", ".join(FAMILY_CONVENTIONS)
+        raise UserError(f"exporting '{family.name}' models is not supported yet; supported: {supported}")
+    return FAMILY_CONVENTIONS[family.name]
+
+
+def prompt_section(processor: Any, placeholder: str, model_dir: Path) -> dict:
+    """The chat template and a pre-rendered single-turn prompt, so the runtime needs no jinja2.
+
+    single_turn is the template rendered for one user message [image, text] with the generation
+    prompt, its text replaced by "{prompt}"; the runtime fills it with str.replace (not
+    str.format: templates may contain braces) and expands ``image_placeholder``.
+    """
+    if not processor.chat_template:
+        raise UserError(f"{model_dir} has no chat template (chat_template.jinja); add one to the model dir")
+    rendered = render_prompt(processor, PROMPT_SENTINEL)
+    if rendered.count(PROMPT_SENTINEL) != 1 or rendered.count(placeholder) != 1 or "{prompt}" in rendered:
+        raise UserError(
+            f"{model_dir}: the chat template must render one user message with exactly one "
+            f"'{placeholder}' and the text once; got {rendered!r}"
+        )
+    single_turn = rendered.replace(PROMPT_SENTINEL, "{prompt}")
+    return {
+        "chat_template": processor.chat_template,
+        "single_turn": single_turn,
+        "image_placeholder": placeholder,
+        "image_placeholder_offset": single_turn.index(placeholder),
+    }
+
+
+# ---- files -------------------------------------------------------------------------------------
+
+
+def save_tokenizer(processor: Any, model: Any, out_dir: Path, model_dir: Path) -> dict:
+    """Write tokenizer.json (+ HF configs, preprocessor_config.json); return the manifest's section."""
+    tokenizer = processor.tokenizer
+    if not tokenizer.is_fast:
+        raise UserError(f"{model_dir}: the runtime needs a fast tokenizer (tokenizer.json); none loaded")
+    tokenizer.save_pretrained(out_dir)
+    processor.image_processor.save_pretrained(out_dir)
+    eos = model.generation_config.eos_token_id
+    eos = tokenizer.eos_token_id if eos is None else eos
+    bos = tokenizer.bos_token_id
+    return {
+        "file": "tokenizer.json",
+        "add_special_tokens": True,  # the HF processor tokenizes the rendered prompt with them
+        "adds_bos": bos is not None and tokenizer("x").input_ids[:1] == [bos],
+        "bos_token_id": bos,
+        "eos_token_ids": eos if isinstance(eos, list) else [eos],
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def source_of(model_dir: Path) -> dict:
+    """Where the model came from: the provenance earlier stages record in edgetune.json, if any."""
+    recorded = model_dir / "edgetune.json"
+    if not recorded.is_file():
+        return {"model": str(model_dir)}
+    try:
+        return json.loads(recorded.read_text())
+    except ValueError as err:
+        raise UserError(f"{recorded} is not valid JSON ({err}); fix or delete it") from None
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -1,0 +1,57 @@
+"""The bundle contract as the runtime reads it: manifest.json and the files it names.
+
+``edgetune.export.bundle`` writes bundles; export/README.md documents every manifest field. This
+module is the one gate the runtime passes through: after ``load_manifest`` returns, the manifest
+has the format version this runtime reads, every section the runtime uses, and every file it
+names exists on disk. Anything else is a UserError naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgetune.errors import UserError
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+GRAPH_NAMES = ("vision", "embed", "decoder")
+REQUIRED_SECTIONS = ("family", "precision", "graphs", "text", "image", "tokenizer", "prompt")
+REEXPORT = "re-run `edgetune export`"
+
+
+def load_manifest(bundle_dir: Path | str) -> dict:
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise UserError(f"{path} is missing; point at a bundle written by `edgetune export` or {REEXPORT}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}); {REEXPORT}") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise UserError(
+            f"{path}: format_version {version!r} is not the one this runtime reads ({FORMAT_VERSION}); "
+            f"{REEXPORT} with this edgetune version"
+        )
+    for section in REQUIRED_SECTIONS:
+        if section not in manifest:
+            raise UserError(f"{path} has no '{section}' entry; {REEXPORT}")
+    missing_graphs = [name for name in GRAPH_NAMES if name not in manifest["graphs"]]
+    if missing_graphs:
+        raise UserError(f"{path}: graphs.{missing_graphs[0]} is missing; {REEXPORT}")
+    for name in bundle_files(manifest):
+        if not (bundle_dir / name).is_file():
+            raise UserError(f"{bundle_dir / name} is missing; {REEXPORT}")
+    return manifest
+
+
+def bundle_files(manifest: dict) -> list[str]:
+    """Every file the manifest names, relative to the bundle directory."""
+    files = []
+    for name in GRAPH_NAMES:
+        graph = manifest["graphs"][name]
+        files += [graph["file"], *graph.get("data_files", [])]
+    files.append(manifest["tokenizer"]["file"])
+    return files

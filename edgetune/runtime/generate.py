@@ -1,0 +1,227 @@
+"""OnnxVLM: answer a prompt about an image with a bundle's three ONNX graphs, torch-free.
+
+Contract: with temperature 0, ``generate_ids`` returns the same new token ids as transformers'
+``model.generate(do_sample=False)`` on the model the bundle was exported from (checked token for
+token in tests/test_runtime.py), including the eos token when one ends the answer. Sampling
+(temperature > 0, top-p) draws from numpy's generator, so a seed reproduces the answer.
+
+One step of the model is ``forward``: embed.onnx on the ids, vision.onnx on the pixels, the image
+embeddings written into the image-token rows, then decoder.onnx with the KV cache. The cache is a
+dict of numpy arrays keyed by the decoder's past input names; each step's ``present.*`` outputs
+become the next step's ``past_key_values.*`` inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+from edgetune.errors import UserError
+from edgetune.runtime import preprocess
+from edgetune.runtime.bundle import GRAPH_NAMES, REEXPORT, load_manifest
+
+ImageInput = Path | str | Image.Image
+
+
+class OnnxVLM:
+    """A loaded bundle: three onnxruntime sessions, the tokenizer and the manifest. Use ``load``."""
+
+    def __init__(self, manifest: dict, sessions: dict[str, ort.InferenceSession], tokenizer: Tokenizer):
+        if manifest["image"]["merge"] != "replace_image_tokens":
+            merge = manifest["image"]["merge"]
+            raise UserError(f"manifest.json: image merge '{merge}' is unknown to this runtime; update edgetune")
+        self.manifest = manifest
+        self.sessions = sessions
+        self.tokenizer = tokenizer
+        decoder = manifest["graphs"]["decoder"]
+        past_inputs = [value for value in decoder["inputs"] if value["name"].startswith("past_key_values.")]
+        self.past_names = [value["name"] for value in past_inputs]
+        self.past_dtype = np.dtype(past_inputs[0]["dtype"])
+        self.eos_token_ids = set(manifest["tokenizer"]["eos_token_ids"])
+
+    @classmethod
+    def load(cls, bundle_dir: Path | str, threads: int | None = None) -> OnnxVLM:
+        """Open a bundle on CPU; ``threads`` caps onnxruntime's intra-op threads (None: all cores)."""
+        bundle_dir = Path(bundle_dir)
+        manifest = load_manifest(bundle_dir)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: ORT warns about unused initializers
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        sessions = {}
+        for name in GRAPH_NAMES:
+            path = bundle_dir / manifest["graphs"][name]["file"]
+            try:
+                sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            except Exception as err:  # onnxruntime raises several unrelated types for a bad file
+                raise UserError(f"{path} cannot be loaded by onnxruntime ({err}); {REEXPORT}") from None
+        tokenizer_path = bundle_dir / manifest["tokenizer"]["file"]
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        except Exception as err:
+            raise UserError(f"{tokenizer_path} is not a tokenizers file ({err}); {REEXPORT}") from None
+        return cls(manifest, sessions, tokenizer)
+
+    # ---- prompt and image -> model inputs -------------------------------------------------------
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The single-turn chat prompt for ``prompt`` about one image, as token ids.
+
+        The manifest's pre-rendered template is split at the image placeholder, {prompt} filled in,
+        and the placeholder expanded to one image token per image embedding, as the HF processor does.
+        """
+        spec, image = self.manifest["prompt"], self.manifest["image"]
+        before, after = spec["single_turn"].split(spec["image_placeholder"], 1)
+        expanded = image["token"] * image["tokens_per_image"]
+        text = before.replace("{prompt}", prompt) + expanded + after.replace("{prompt}", prompt)
+        add_special_tokens = self.manifest["tokenizer"]["add_special_tokens"]
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def pixel_values(self, image: ImageInput) -> np.ndarray:
+        """float32 [1, 3, H, W] for one image (a path or a PIL image)."""
+        params = self.manifest["image"]["preprocess"]
+        return preprocess.pixel_values(preprocess.open_image(image), params)[None]
+
+    # ---- one model step ------------------------------------------------------------------------
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        text = self.manifest["text"]
+        shape = (batch, text["num_kv_heads"], 0, text["head_dim"])
+        return {name: np.zeros(shape, self.past_dtype) for name in self.past_names}
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        past: dict[str, np.ndarray] | None = None,
+        pixel_values: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One pass over new tokens: (logits [batch, seq, vocab], present cache).
+
+        input_ids [batch, seq] are the new tokens; attention_mask [batch, past + seq] covers the
+        cached and the new ones (0 = padding). pixel_values [images, 3, H, W] fill the image tokens
+        of input_ids in reading order.
+        """
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        attention_mask = np.asarray(attention_mask, dtype=np.int64)
+        past = self.empty_past(len(input_ids)) if past is None else past
+        (embeds,) = self.sessions["embed"].run(None, {"input_ids": input_ids})
+        if pixel_values is not None:
+            pixels = pixel_values.astype(np.float32)
+            (image_embeds,) = self.sessions["vision"].run(None, {"pixel_values": pixels})
+            embeds = replace_image_tokens(embeds, input_ids, image_embeds, self.manifest["image"]["token_id"])
+        position_ids = positions_from_mask(attention_mask)[:, -input_ids.shape[1] :]
+        feed = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids}
+        logits, *present = self.sessions["decoder"].run(None, {**feed, **past})
+        return logits, dict(zip(self.past_names, present))
+
+    # ---- decoding ------------------------------------------------------------------------------
+
+    def generate_ids(
+        self,
+        image: ImageInput,
+        prompt: str,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[int]:
+        """The new token ids (eos included when it ends the answer)."""
+        return list(self._new_token_ids(image, prompt, max_new_tokens, temperature, top_p, seed))
+
+    def stream(
+        self,
+        image: ImageInput,
+        prompt: str,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Yield the answer's text as it is produced (see stream_text)."""
+        tokens = self._new_token_ids(image, prompt, max_new_tokens, temperature, top_p, seed)
+        yield from stream_text(self.tokenizer, tokens)
+
+    def generate(
+        self,
+        image: ImageInput,
+        prompt: str,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> str:
+        """The whole answer's text (special tokens such as eos left out)."""
+        return "".join(self.stream(image, prompt, max_new_tokens, temperature, top_p, seed))
+
+    def _new_token_ids(self, image, prompt, max_new_tokens, temperature, top_p, seed) -> Iterator[int]:
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise UserError(f"temperature must be >= 0 and top_p in (0, 1]; got {temperature} and {top_p}")
+        pixels = self.pixel_values(image)
+        input_ids = np.array([self.prompt_ids(prompt)], dtype=np.int64)
+        mask = np.ones_like(input_ids)
+        logits, past = self.forward(input_ids, mask, pixel_values=pixels)
+        rng = np.random.default_rng(seed)
+        for produced in range(1, max_new_tokens + 1):
+            token = next_token(logits[0, -1], temperature, top_p, rng)
+            yield token
+            if token in self.eos_token_ids or produced == max_new_tokens:
+                return  # no decoder step for a token nobody will read
+            mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
+            logits, past = self.forward(np.array([[token]]), mask, past)
+
+
+def stream_text(tokenizer: Tokenizer, token_ids: Iterable[int]) -> Iterator[str]:
+    """Text pieces for token ids as they arrive. The pieces join to ``tokenizer.decode(ids,
+    skip_special_tokens=True)``; no piece ends inside a UTF-8 character that a later token may complete."""
+    decoded = DecodeStream(skip_special_tokens=True)  # holds back bytes of an unfinished character
+    ids, text = [], ""
+    for token in token_ids:
+        ids.append(token)
+        piece = decoded.step(tokenizer, token)
+        if piece:
+            text += piece
+            yield piece
+    # Bytes still held back can no longer be completed: emit them as decode() renders them (U+FFFD).
+    rest = tokenizer.decode(ids, skip_special_tokens=True)[len(text) :]
+    if rest:
+        yield rest
+
+
+def replace_image_tokens(
+    embeds: np.ndarray, input_ids: np.ndarray, image_embeds: np.ndarray, token_id: int
+) -> np.ndarray:
+    """LLaVA's merge: the k-th image-token row (reading order) gets the k-th image embedding."""
+    rows = input_ids == token_id
+    flat = image_embeds.reshape(-1, image_embeds.shape[-1])
+    if rows.sum() != len(flat):
+        raise ValueError(f"{rows.sum()} image tokens in the prompt but {len(flat)} image embeddings")
+    merged = embeds.copy()
+    merged[rows] = flat.astype(embeds.dtype)
+    return merged
+
+
+def positions_from_mask(attention_mask: np.ndarray) -> np.ndarray:
+    """1-D RoPE positions: each real token's index among the real tokens; padding gets 1, as in
+    transformers' generate (its value is irrelevant, padding is masked)."""
+    positions = np.cumsum(attention_mask, axis=-1) - 1
+    return np.where(attention_mask == 0, 1, positions).astype(np.int64)
+
+
+def next_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0; else sample from the smallest top-probability set whose mass reaches top_p."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    mass_before = np.cumsum(probs[order]) - probs[order]
+    kept = order[mass_before < top_p]  # always keeps the most likely token
+    return int(rng.choice(kept, p=probs[kept] / probs[kept].sum()))

@@ -1,0 +1,76 @@
+"""Image -> pixel_values with PIL and numpy, reproducing transformers' slow CLIPImageProcessor.
+
+The steps and their order are CLIPImageProcessor.preprocess's: convert to RGB, resize so the
+shortest edge is ``resize_shortest_edge`` (the long edge is truncated, ``int(size * long / short)``)
+with PIL on uint8 pixels, center crop (top/left offsets rounded down), rescale in float64 then cast
+to float32, normalize per channel, channels first. The manifest's ``image.preprocess`` section
+carries the parameters. Written by hand because the runtime must not import transformers; the
+export parity test checks it against the HF processor to 1e-5.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from edgetune.errors import UserError
+
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+def open_image(image: Path | str | Image.Image) -> Image.Image:
+    """A PIL image from a path or an image; an unreadable path is a UserError naming it."""
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        with Image.open(image) as opened:
+            opened.load()
+            return opened.copy()
+    except (OSError, UnidentifiedImageError) as err:
+        raise UserError(f"{image}: cannot read this image ({err}); pass a PNG/JPEG file") from None
+
+
+def pixel_values(image: Image.Image, params: dict) -> np.ndarray:
+    """One image -> float32 [3, crop_height, crop_width], as CLIPImageProcessor would produce."""
+    if params["convert_rgb"] or image.mode != "RGB":  # the vision graph takes 3 channels either way
+        image = image.convert("RGB")
+    if params["resize_shortest_edge"]:
+        size = _shortest_edge_size(image.size, params["resize_shortest_edge"])
+        image = image.resize(size, RESAMPLE[params["resample"]])
+    pixels = np.asarray(image)
+    if params["crop_size"]:
+        pixels = _center_crop(pixels, *params["crop_size"])
+    if params["rescale_factor"] is not None:
+        pixels = (pixels.astype(np.float64) * params["rescale_factor"]).astype(np.float32)
+    pixels = pixels.astype(np.float32)
+    if params["mean"] is not None:
+        mean = np.asarray(params["mean"], dtype=np.float32)
+        std = np.asarray(params["std"], dtype=np.float32)
+        pixels = (pixels - mean) / std
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def _shortest_edge_size(size: tuple[int, int], shortest_edge: int) -> tuple[int, int]:
+    """PIL (width, height) after resizing the short edge to ``shortest_edge``, keeping the aspect."""
+    width, height = size
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(shortest_edge * long / short)
+    return (shortest_edge, new_long) if width <= height else (new_long, shortest_edge)
+
+
+def _center_crop(pixels: np.ndarray, crop_height: int, crop_width: int) -> np.ndarray:
+    height, width = pixels.shape[:2]
+    if crop_height > height or crop_width > width:
+        # CLIPImageProcessor zero-pads here; every CLIP-style config crops at most the resized size.
+        raise UserError(f"image of {width}x{height} is smaller than the crop {crop_width}x{crop_height}")
+    top, left = (height - crop_height) // 2, (width - crop_width) // 2
+    return pixels[top : top + crop_height, left : left + crop_width]
