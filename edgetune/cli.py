@@ -8,8 +8,6 @@ that need them, so ``infer`` and ``eval`` on a bundle stay torch-free.
 from __future__ import annotations
 
 import functools
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,22 +23,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-DEBUG = {"on": bool(os.environ.get("EDGETUNE_DEBUG"))}
 
 
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
-    DEBUG["on"] = DEBUG["on"] or debug
-    if DEBUG["on"]:
-        os.environ["EDGETUNE_DEBUG"] = "1"
-    else:
-        from edgetune.progress import quiet_libraries
+def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (or set EDGETUNE_DEBUG=1).")) -> None:
+    from edgetune.progress import debug_enabled, quiet_libraries, set_debug
 
+    set_debug(debug)
+    if not debug_enabled():
         quiet_libraries()
 
 
 def user_errors(command: Callable) -> Callable:
     """UserError -> one line on stderr, exit 2; anything else -> one line, exit 1 (tracebacks with --debug)."""
+
+    from edgetune.progress import debug_enabled
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -49,7 +46,7 @@ def user_errors(command: Callable) -> Callable:
         except (typer.Exit, typer.Abort):
             raise
         except UserError as err:
-            if DEBUG["on"]:
+            if debug_enabled():
                 raise
             typer.secho(f"error: {err}", fg="red", err=True)
             raise typer.Exit(2) from None
@@ -57,7 +54,7 @@ def user_errors(command: Callable) -> Callable:
             typer.secho("interrupted; nothing was written", err=True)
             raise typer.Exit(130) from None
         except Exception as err:
-            if DEBUG["on"]:
+            if debug_enabled():
                 raise
             typer.secho(f"error: {type(err).__name__}: {err} (re-run with --debug for the traceback)", fg="red", err=True)
             raise typer.Exit(1) from None

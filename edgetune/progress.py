@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 
@@ -9,6 +10,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=False, highlight=False)
+_debug = {"on": False}
+
+
+def set_debug(on: bool) -> None:
+    """--debug for this invocation: tracebacks on errors, and the libraries' own logs."""
+    _debug["on"] = on
+
+
+def debug_enabled() -> bool:
+    return _debug["on"] or bool(os.environ.get("EDGETUNE_DEBUG"))
 
 
 def peak_memory_mb() -> float:
@@ -43,6 +54,4 @@ def quiet_libraries() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*no longer tied after merging.*")
     warnings.filterwarnings("ignore", message=".*use_cache=True.*gradient checkpointing.*")
-    import os
-
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

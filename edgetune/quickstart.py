@@ -72,7 +72,7 @@ def run_quickstart(out: Path, family: str = "llava", steps: int = 800) -> dict[s
     from edgetune.evaluate import answer_with_torch, evaluate_path, score
     from edgetune.export import export_bundle
     from edgetune.families import get_family
-    from edgetune.load import count_parameters, load_backbone
+    from edgetune.load import load_backbone
     from edgetune.merge import dequantize_then_merge
     from edgetune.recipe import load_recipe
     from edgetune.runtime import OnnxVLM

@@ -81,6 +81,7 @@ def test_unknown_tiny_model_family(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-def test_debug_shows_the_traceback(write_recipe, tmp_path):
-    result = runner.invoke(app, ["--debug", "train", str(write_recipe(train={"max_stepz": 3}))])
-    assert isinstance(result.exception, UserError)
+def test_debug_shows_the_traceback_for_that_invocation_only(write_recipe):
+    bad = str(write_recipe(train={"max_stepz": 3}))
+    assert isinstance(runner.invoke(app, ["--debug", "train", bad]).exception, UserError)
+    assert_user_error(runner.invoke(app, ["train", bad]), "train.max_stepz")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from torch.export import Dim
 from transformers import DynamicCache
 
 from edgetune.families.base import ModelFamily, get_module
+from edgetune.progress import debug_enabled
 
 OPSET = 18
 
@@ -233,7 +233,7 @@ def quiet_exporter() -> Iterator[None]:
     The exporter reports every op it translates and warns about optional packages (torchvision)
     it does not need; none of it is actionable for a user, and failures still raise.
     """
-    if os.environ.get("EDGETUNE_DEBUG"):
+    if debug_enabled():
         yield
         return
     names = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
