@@ -81,13 +81,18 @@ def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key: --set train.lr=1e-4 (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<recipe name>-<time>)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Shortcut for --set train.max_steps=N."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Shortcut for --set train.seed=N (same seed, same result on CPU)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
 ) -> None:
     """Fine-tune a PEFT method on the 4-bit backbone per RECIPE; writes a run directory."""
     from edgetune.recipe import load_recipe
     from edgetune.train import train as run_training
 
-    parsed = load_recipe(recipe, set_ or [])
+    overrides = list(set_ or [])
+    overrides += [f"train.max_steps={max_steps}"] if max_steps is not None else []
+    overrides += [f"train.seed={seed}"] if seed is not None else []
+    parsed = load_recipe(recipe, overrides)
     run_dir = out or Path("runs") / f"{recipe.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = run_training(parsed, run_dir, overwrite)
     typer.echo(f"run written to {run_dir} (loss {result.first_loss:.3f} -> {result.final_loss:.3f}, {result.train_seconds:.0f}s)")

@@ -96,3 +96,19 @@ def test_bundle_problems_are_one_line_errors(quickstart_out, tmp_path):
     result = runner.invoke(app, ["infer", str(quickstart_out / "bundle"), "--image", str(tmp_path / "nope.png"),
                                  "--prompt", "hi"])
     assert result.exit_code == 2 and "nope.png" in result.output
+
+
+def test_each_verb_runs_alone_on_the_previous_stage_artifact(quickstart_out, tmp_path):
+    """train -> merge -> export -> eval as separate CLI calls, and export straight from a run."""
+    run = runner.invoke(app, ["train", str(quickstart_out / "recipe.yaml"), "--out", str(tmp_path / "run"),
+                              "--max-steps", "5", "--seed", "3"])
+    assert run.exit_code == 0, run.output
+    assert load_recipe(tmp_path / "run/recipe.yaml").train.max_steps == 5
+    merged = runner.invoke(app, ["merge", str(quickstart_out / "run"), "--out", str(tmp_path / "merged")])
+    assert merged.exit_code == 0 and "max |logit diff|" in merged.output
+    from_run = runner.invoke(app, ["export", str(quickstart_out / "run"), "--out", str(tmp_path / "bundle")])
+    assert from_run.exit_code == 0, from_run.output
+    evaluated = runner.invoke(app, ["eval", str(tmp_path / "bundle"), "--data", str(quickstart_out / "data/eval.json")])
+    assert evaluated.exit_code == 0, evaluated.output
+    summary = json.loads((quickstart_out / "summary.json").read_text())
+    assert json.loads((tmp_path / "bundle/eval.json").read_text())["accuracy"] == summary["accuracy_after_onnx"]
