@@ -25,22 +25,23 @@ def task_dir(tmp_path_factory):
     return out
 
 
-@pytest.fixture
-def write_recipe(tiny_llava_dir, task_dir, tmp_path):
-    """Write a recipe YAML (tiny LLaVA + built-in task) with per-test changes; returns its path."""
+def make_recipe(path, model_dir, task, **sections):
+    """Write a recipe YAML for the tiny LLaVA + built-in task to ``path``, with per-test changes."""
     import yaml
 
-    def write(**sections):
-        recipe = {
-            "model": {"path": str(tiny_llava_dir)},
-            "method": {"name": "lora", "rank": 4, "alpha": 8, "dropout": 0.0},
-            "data": {"train": str(task_dir / "data/train.json"), "eval": str(task_dir / "data/eval.json"), "max_length": 128},
-            "train": {"max_steps": 8, "lr": 3e-3, "batch_size": 4, "warmup_steps": 1, "eval_every": 0},
-        }
-        for name, values in sections.items():
-            recipe.setdefault(name, {}).update(values)
-        path = tmp_path / "recipe.yaml"
-        path.write_text(yaml.safe_dump(recipe))
-        return path
+    recipe = {
+        "model": {"path": str(model_dir)},
+        "method": {"name": "lora", "rank": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": str(task / "data/train.json"), "eval": str(task / "data/eval.json"), "max_length": 128},
+        "train": {"max_steps": 8, "lr": 3e-3, "batch_size": 4, "warmup_steps": 1, "eval_every": 0},
+    }
+    for name, values in sections.items():
+        recipe.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
 
-    return write
+
+@pytest.fixture
+def write_recipe(tiny_llava_dir, task_dir, tmp_path):
+    """make_recipe into this test's tmp_path; returns the recipe's path."""
+    return lambda **sections: make_recipe(tmp_path / "recipe.yaml", tiny_llava_dir, task_dir, **sections)

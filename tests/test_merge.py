@@ -4,23 +4,16 @@ import pytest
 import torch
 
 from edgetune.merge import dequantize_then_merge, load_adapted, probe_batch
+from tests.conftest import make_recipe
 
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_llava_dir, task_dir, tmp_path_factory):
-    import yaml
-
     from edgetune.recipe import load_recipe
     from edgetune.train import train
 
     root = tmp_path_factory.mktemp("merge")
-    (root / "recipe.yaml").write_text(yaml.safe_dump({
-        "model": {"path": str(tiny_llava_dir)},
-        "method": {"name": "lora", "rank": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"train": str(task_dir / "data/train.json"), "eval": str(task_dir / "data/eval.json"), "max_length": 128},
-        "train": {"max_steps": 10, "lr": 3e-3, "batch_size": 4, "eval_every": 0},
-    }))
-    train(load_recipe(root / "recipe.yaml"), root / "run")
+    train(load_recipe(make_recipe(root / "recipe.yaml", tiny_llava_dir, task_dir, train={"max_steps": 10})), root / "run")
     return root / "run"
 
 

@@ -9,20 +9,15 @@ from edgetune.methods import get_method
 from edgetune.recipe import load_recipe
 from edgetune.train import EncodedDataset, held_out_loss, to_device, train
 from edgetune.data import collate, load_samples
+from tests.conftest import make_recipe
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_llava_dir, task_dir, tmp_path_factory):
-    import yaml
-
     root = tmp_path_factory.mktemp("trained")
-    (root / "recipe.yaml").write_text(yaml.safe_dump({
-        "model": {"path": str(tiny_llava_dir)},
-        "method": {"name": "lora", "rank": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": str(task_dir / "data/train.json"), "eval": str(task_dir / "data/eval.json"), "max_length": 128},
-        "train": {"max_steps": 40, "lr": 3e-3, "batch_size": 8, "warmup_steps": 2, "eval_every": 20},
-    }))
-    recipe = load_recipe(root / "recipe.yaml")
+    recipe = load_recipe(make_recipe(root / "recipe.yaml", tiny_llava_dir, task_dir,
+                                     method={"rank": 8, "alpha": 16},
+                                     train={"max_steps": 40, "batch_size": 8, "warmup_steps": 2, "eval_every": 20}))
     return recipe, train(recipe, root / "run"), root / "run"
 
 
