@@ -86,16 +86,12 @@ def evaluate_path(path: Path, samples: list[Sample], max_new_tokens: int = 16) -
 
 
 def _answer_with_torch_dir(path: Path, kind: str, samples: list[Sample], max_new_tokens: int) -> list[str]:
-    import torch
-
-    from edgetune.load import load_processor
-    from edgetune.families import family_of_model_dir
+    from edgetune.merge import load_merged
 
     if kind == "run":
         from edgetune.merge import load_adapted
 
         backbone, model, _ = load_adapted(path, dequantize=False)
         return answer_with_torch(model, backbone.processor, samples, max_new_tokens)
-    family = family_of_model_dir(path, where=str(path))
-    model = family.model_class().from_pretrained(path, dtype=torch.float32).eval()
-    return answer_with_torch(model, load_processor(str(path)), samples, max_new_tokens)
+    merged = load_merged(path)
+    return answer_with_torch(merged.model, merged.processor, samples, max_new_tokens)

@@ -1,4 +1,4 @@
-"""Merge a trained run into a plain full-precision transformers model directory.
+"""Merge a trained run into a full-precision transformers model directory.
 
 QLoRA's adapter was trained against the NF4-quantized base, so the merge uses exactly those
 weights: load the base as training did, dequantize the 4-bit layers to fp32, attach the adapter,
@@ -6,13 +6,16 @@ and only then fold it in. Merging into the NF4 weights and re-quantizing (peft's
 4-bit model) would add a second rounding error on top of the adapter's delta.
 
 The merged directory holds the model (safetensors), tokenizer, processor and ``edgetune.json``
-(where it came from, and the measured max |logit difference| between the adapted model on the
-dequantized base and the merged model).
+(where it came from, the method, and the measured max |logit difference| between the adapted
+model on the dequantized base and what the directory reloads to). Methods exported as "merged"
+leave a plain model; the others ("graph", "kv_prefix") keep their artifact in ``method/`` beside
+the dequantized base, and ``load_merged`` re-attaches it.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,8 @@ from edgetune.progress import console
 from edgetune.recipe import Recipe, load_recipe
 
 MERGE_TOLERANCE = 1e-3  # fp32 merge: only summation order differs
+PROVENANCE_FILE = "edgetune.json"
+METHOD_DIR = "method"
 
 
 @dataclass
@@ -64,7 +69,7 @@ def load_adapted(run_dir: Path, dequantize: bool) -> tuple[Backbone, Any, Recipe
     backbone = load_backbone(recipe.model, recipe.quantization, torch.device("cpu"), torch.float32)
     if dequantize and recipe.quantization.mode != "none":
         backbone.model = dequantize_to_fp32(backbone.model)
-    adapted = method.load(backbone.model, Path(run_dir) / "adapter")
+    adapted = method.load(backbone.model, backbone.family, recipe.method, Path(run_dir) / "adapter")
     adapted.eval()
     return backbone, adapted, recipe
 
@@ -81,20 +86,54 @@ def probe_batch(recipe: Recipe, processor: Any) -> dict[str, Any]:
 def dequantize_then_merge(run_dir: Path, out_dir: Path, overwrite: bool = False) -> MergeReport:
     backbone, adapted, recipe = load_adapted(run_dir, dequantize=True)
     method = get_method(recipe.method)
-    if not method.mergeable:
-        raise UserError(f"method '{method.name}' cannot be merged into the weights; export the run directly")
     batch = probe_batch(recipe, backbone.processor)
     with atomic_output_dir(out_dir, overwrite) as scratch, torch.no_grad():
-        with console.status("merging adapter into the dequantized base"):
-            before = adapted(**batch).logits
-            merged = method.merge(adapted)
-            after = merged(**batch).logits
-        diff = float((before - after).abs().max())
+        with console.status(f"merging {method.name} into the dequantized base"):
+            expected = adapted(**batch).logits
+            if method.export_as == "merged":
+                method.merge(adapted, backbone.family).save_pretrained(scratch, safe_serialization=True)
+            else:
+                # The base is saved without the method's modules, the trained artifact beside it.
+                plain = load_adapted(run_dir, dequantize=True)[0].model
+                plain.save_pretrained(scratch, safe_serialization=True)
+                shutil.copytree(Path(run_dir) / "adapter", scratch / METHOD_DIR)
+            backbone.processor.save_pretrained(scratch)
+            provenance = {"run_dir": str(Path(run_dir).resolve()), "recipe": recipe.to_yaml_dict(),
+                          "method": {"name": method.name, "export_as": method.export_as}}
+            (scratch / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+            reloaded = load_merged(scratch)
+            diff = float((expected - reloaded.model(**batch).logits).abs().max())
         if diff > MERGE_TOLERANCE:
             raise UserError(f"merge check failed: max |logit diff| {diff:.2e} > {MERGE_TOLERANCE:.0e} between adapted and merged model")
-        merged.save_pretrained(scratch, safe_serialization=True)
-        backbone.processor.save_pretrained(scratch)
         report = MergeReport(str(out_dir), diff, MERGE_TOLERANCE)
-        provenance = {"run_dir": str(Path(run_dir).resolve()), "recipe": recipe.to_yaml_dict(), "merge": asdict(report)}
-        (scratch / "edgetune.json").write_text(json.dumps(provenance, indent=2))
+        provenance["merge"] = asdict(report)
+        (scratch / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
     return report
+
+
+@dataclass
+class Merged:
+    model: Any  # fp32, eval mode; a "graph"/"kv_prefix" method is attached
+    processor: Any
+    family: Any
+    method: Any  # the PeftMethod, or None for a plain model
+    provenance: dict
+
+
+def load_merged(model_dir: Path) -> Merged:
+    """A merged directory (or any plain model directory) as export and evaluation use it."""
+    from edgetune.families import family_of_model_dir
+    from edgetune.load import load_processor
+    from edgetune.recipe import MethodSection
+
+    model_dir = Path(model_dir)
+    family = family_of_model_dir(model_dir, where=str(model_dir))
+    model = family.model_class().from_pretrained(model_dir, dtype=torch.float32).eval()
+    provenance_file = model_dir / PROVENANCE_FILE
+    provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
+    method = None
+    if provenance.get("method", {}).get("export_as", "merged") != "merged":
+        config = MethodSection.model_validate(provenance["recipe"]["method"])
+        method = get_method(config, str(provenance_file))
+        model = method.load(model, family, config, model_dir / METHOD_DIR).eval()
+    return Merged(model, load_processor(str(model_dir)), family, method, provenance)

@@ -33,15 +33,19 @@ class QuantizationSection(Section):
 
 class MethodSection(Section):
     """Options common to every method plus each method's own; the method's registry entry
-    rejects the options it does not use (see edgetune.methods)."""
+    rejects any option set in a recipe that it does not use (see edgetune.methods)."""
 
     name: str = "lora"
     train_connector: bool = True
-    rank: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    placement: Literal["attn", "mlp", "both"] = "both"
-    layers: list[int] | None = None  # LLM layer indices to adapt; None = all
+    rank: int = Field(8, gt=0)  # lora, adalink
+    alpha: float = Field(16.0, gt=0)  # lora
+    dropout: float = Field(0.05, ge=0, lt=1)  # lora
+    placement: Literal["attn", "mlp", "both"] = "both"  # lora, ia3, adapter
+    layers: list[int] | None = None  # LLM layer indices to adapt; None = the method's default
+    prompt_len: int = Field(10, gt=0)  # llama_adapter (K adaption prompts), prefix (prefix length)
+    visual_prompt: bool = False  # llama_adapter: add a projected global image feature to every prompt
+    bottleneck: int = Field(16, gt=0)  # adapter
+    mode: Literal["sequential", "parallel"] = "sequential"  # adapter
 
 
 class DataSection(Section):
@@ -81,7 +85,14 @@ class Recipe(Section):
     export: ExportSection = ExportSection()
 
     def to_yaml_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """Every value, defaults included, but only the method options that apply to the method."""
+        from edgetune.methods import COMMON_OPTIONS, METHODS  # the registry imports this module
+
+        data = self.model_dump(mode="json")
+        if self.method.name in METHODS:
+            keep = COMMON_OPTIONS | METHODS[self.method.name].options
+            data["method"] = {k: v for k, v in data["method"].items() if k in keep}
+        return data
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

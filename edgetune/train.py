@@ -23,7 +23,7 @@ import torch
 
 from edgetune.data import Sample, collate, encode_sample, load_samples
 from edgetune.io import atomic_output_dir
-from edgetune.load import count_parameters, load_backbone, resolve_compute_dtype, resolve_device
+from edgetune.load import count_parameters, detect_family, load_backbone, resolve_compute_dtype, resolve_device
 from edgetune.methods import get_method
 from edgetune.progress import console, peak_memory_mb, step_progress
 from edgetune.recipe import Recipe, save_recipe
@@ -134,6 +134,7 @@ def autocast(device: torch.device, dtype: torch.dtype):
 def train(recipe: Recipe, run_dir: Path, overwrite: bool = False) -> TrainResult:
     """Fine-tune per ``recipe`` and write the run directory described in the module docstring."""
     method = get_method(recipe.method)
+    method.check_family(detect_family(recipe.model)[0])  # before any work: can this family train and export it?
     train_samples = load_samples(recipe.data.train)
     eval_samples = load_samples(recipe.data.eval) if recipe.data.eval else []
     with atomic_output_dir(run_dir, overwrite) as scratch:

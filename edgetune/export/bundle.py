@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from rich.console import Console
-from transformers import AutoProcessor
 
 from edgetune.errors import UserError
 from edgetune.export.graphs import describe_graph, export_graph, graph_specs, text_dims
 from edgetune.families import family_of_model_dir
 from edgetune.families.base import ModelFamily
 from edgetune.io import atomic_output_dir
+from edgetune.merge import load_merged
 from edgetune.runtime import OnnxVLM
 from edgetune.runtime.bundle import FORMAT_VERSION, MANIFEST_FILE
 from edgetune.runtime.generate import positions_from_mask
@@ -61,8 +61,8 @@ def export_bundle(model_dir: Path, out_dir: Path, precision: str = "fp32", overw
     started = time.perf_counter()
     with atomic_output_dir(out_dir, overwrite) as scratch:
         with console.status(f"loading {model_dir}"):
-            model = family.model_class().from_pretrained(model_dir, dtype=torch.float32).eval()
-            processor = AutoProcessor.from_pretrained(model_dir, use_fast=False)
+            merged = load_merged(model_dir)  # a "graph" method's modules are attached and get traced
+            model, processor = merged.model, merged.processor
         image, prompt = conventions(family, model, processor, model_dir)
         graphs = {}
         for spec in graph_specs(family, model, tuple(image["size"])):

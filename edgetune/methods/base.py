@@ -1,8 +1,14 @@
-"""What a PEFT method must provide: attach to a frozen backbone, save/load its artifact, merge.
+"""What a PEFT method must provide: attach to a frozen backbone, save/load its artifact, and say
+how it reaches the ONNX bundle.
 
 A method is one file plus one line in ``edgetune.methods.METHODS``. ``options`` lists the
 ``method.*`` recipe keys it reads besides ``name`` and ``train_connector``; any other key set in a
 recipe is an error naming it.
+
+``export_as`` is the method's path to the device:
+  "merged"     folded into the full-precision weights; the bundle is a plain model (lora, ia3, adalink)
+  "graph"      its modules stay in the model and are traced into decoder.onnx (adapter, llama_adapter)
+  "kv_prefix"  a constant key/value prefix that the runtime puts in the KV cache first (prefix)
 """
 
 from __future__ import annotations
@@ -13,11 +19,17 @@ from typing import Any
 from edgetune.families import ModelFamily
 from edgetune.recipe import MethodSection
 
+EXPORT_KINDS = ("merged", "graph", "kv_prefix")
+
 
 class PeftMethod:
     name: str
     options: frozenset[str] = frozenset()
-    mergeable: bool = True  # False: the method lives on inside the exported decoder graph
+    export_as: str = "merged"
+    identity_at_init: bool = True  # at step 0 the adapted model equals the frozen model
+
+    def check_family(self, family: ModelFamily) -> None:
+        """Raise UserError, before any training, if this method cannot train or export on ``family``."""
 
     def attach(self, model: Any, family: ModelFamily, config: MethodSection) -> Any:
         """Wrap the frozen model; only the method's parameters (and the connector if
@@ -25,12 +37,19 @@ class PeftMethod:
         raise NotImplementedError
 
     def save(self, model: Any, out_dir: Path) -> None:
+        """Write the trained artifact (safetensors + JSON) to out_dir."""
         raise NotImplementedError
 
-    def load(self, model: Any, adapter_dir: Path) -> Any:
+    def load(self, model: Any, family: ModelFamily, config: MethodSection, artifact_dir: Path) -> Any:
         """Re-attach a saved artifact to a freshly loaded backbone; outputs equal the trained model's."""
         raise NotImplementedError
 
-    def merge(self, model: Any) -> Any:
-        """Fold the method into full-precision base weights; returns a plain transformers model."""
-        raise NotImplementedError
+    def merge(self, model: Any, family: ModelFamily) -> Any:
+        """export_as == "merged": fold the method into the (dequantized, full-precision) weights and
+        return a plain transformers model with identical outputs."""
+        raise NotImplementedError(f"method '{self.name}' is exported as '{self.export_as}', not merged")
+
+    def kv_prefix(self, model: Any) -> list[tuple[Any, Any]]:
+        """export_as == "kv_prefix": per layer (key, value), each [kv_heads, prefix_len, head_dim],
+        exactly as the attention layers see them (after any projection, before concatenation)."""
+        raise NotImplementedError(f"method '{self.name}' has no KV prefix")

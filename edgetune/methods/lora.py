@@ -30,10 +30,10 @@ class LoraMethod(PeftMethod):
     def save(self, model: Any, out_dir: Path) -> None:
         model.save_pretrained(out_dir, safe_serialization=True)
 
-    def load(self, model: Any, adapter_dir: Path) -> Any:
+    def load(self, model: Any, family: ModelFamily, config: MethodSection, artifact_dir: Path) -> Any:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, adapter_dir)
+        return PeftModel.from_pretrained(model, artifact_dir)
 
-    def merge(self, model: Any) -> Any:
+    def merge(self, model: Any, family: ModelFamily) -> Any:
         return model.merge_and_unload()

@@ -1,0 +1,122 @@
+"""One matrix over every registered method (peft's lesson): the same tiny model, the same checks.
+
+For each method: the model at step 0 equals the frozen model (zero-init methods), a few steps
+lower the loss, save -> load reproduces the outputs, and the exported bundle matches PyTorch
+within the fp32 tolerance and gives the same greedy tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgetune.data import collate, load_samples
+from edgetune.load import load_backbone
+from edgetune.methods import METHODS, get_method
+from edgetune.recipe import load_recipe
+from edgetune.train import EncodedDataset, train
+from tests.conftest import make_recipe
+
+NAMES = sorted(METHODS)
+CPU = torch.device("cpu")
+
+
+def recipe_for(name, tmp_path, tiny_llava_dir, task_dir, **train):
+    return load_recipe(make_recipe(tmp_path / f"{name}.yaml", tiny_llava_dir, task_dir, method={"name": name},
+                                   train={"max_steps": 30, "lr": 3e-3, "batch_size": 8, **train}))
+
+
+def probe(recipe, processor, count=4):
+    samples = load_samples(recipe.data.eval)[:count]
+    dataset = EncodedDataset(samples, processor, recipe.data.max_length)
+    batch = collate([dataset[i] for i in range(len(samples))], processor.tokenizer.pad_token_id)
+    batch.pop("labels")
+    return batch
+
+
+def attached(recipe):
+    backbone = load_backbone(recipe.model, recipe.quantization, CPU, torch.float32)
+    method = get_method(recipe.method)
+    return backbone, method, method.attach(backbone.model, backbone.family, recipe.method)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_zero_equals_the_frozen_model(name, tmp_path, tiny_llava_dir, task_dir):
+    recipe = recipe_for(name, tmp_path, tiny_llava_dir, task_dir)
+    if not get_method(recipe.method).identity_at_init:
+        pytest.skip(f"{name} is not zero-initialised (by design)")
+    frozen = load_backbone(recipe.model, recipe.quantization, CPU, torch.float32)
+    batch = probe(recipe, frozen.processor)
+    with torch.no_grad():
+        expected = frozen.model(**batch).logits
+    _, _, model = attached(recipe)
+    model.eval()
+    with torch.no_grad():
+        got = model(**batch).logits
+    assert float((got - expected).abs().max()) < 1e-5
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and not any("vision_tower" in n for n in trainable)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_save_then_load_reproduces_outputs(name, tmp_path, tiny_llava_dir, task_dir):
+    recipe = recipe_for(name, tmp_path, tiny_llava_dir, task_dir)
+    backbone, method, model = attached(recipe)
+    torch.manual_seed(0)
+    with torch.no_grad():  # move every trainable tensor off its init so that the check means something
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    model.eval()
+    batch = probe(recipe, backbone.processor)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    method.save(model, tmp_path / "artifact")
+    fresh = load_backbone(recipe.model, recipe.quantization, CPU, torch.float32)
+    reloaded = method.load(fresh.model, fresh.family, recipe.method, tmp_path / "artifact").eval()
+    with torch.no_grad():
+        got = reloaded(**batch).logits
+    assert float((got - expected).abs().max()) < 1e-5
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def trained_and_exported(request, tiny_llava_dir, task_dir, tmp_path_factory):
+    from edgetune.export import export_bundle
+    from edgetune.merge import dequantize_then_merge
+
+    root = tmp_path_factory.mktemp(request.param)
+    recipe = recipe_for(request.param, root, tiny_llava_dir, task_dir)
+    result = train(recipe, root / "run")
+    merge = dequantize_then_merge(root / "run", root / "merged")
+    manifest = export_bundle(root / "merged", root / "bundle")
+    return request.param, recipe, result, merge, manifest, root
+
+
+def test_a_few_steps_lower_the_loss(trained_and_exported):
+    name, _, result, *_ = trained_and_exported
+    assert result.final_loss < 0.7 * result.first_loss, name
+
+
+def test_merge_then_export_matches_pytorch(trained_and_exported):
+    name, _, _, merge, manifest, _ = trained_and_exported
+    assert merge.max_logit_diff < 1e-4, name
+    worst = max(check["max_abs_diff"] for check in manifest["parity"]["checks"])
+    assert worst < 1e-4, f"{name}: {worst}"
+
+
+def test_runtime_greedy_tokens_equal_pytorch(trained_and_exported):
+    from edgetune.data import open_image, prompt_text
+    from edgetune.merge import load_merged
+    from edgetune.runtime import OnnxVLM
+
+    name, recipe, _, _, _, root = trained_and_exported
+    merged = load_merged(root / "merged")
+    vlm = OnnxVLM.load(root / "bundle")
+    tokenizer = merged.processor.tokenizer
+    for sample in load_samples(recipe.data.eval)[:3]:
+        inputs = merged.processor(text=[prompt_text(merged.processor, sample)], images=[open_image(sample.images[0])],
+                                  return_tensors="pt")
+        with torch.no_grad():
+            out = merged.model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        expected = out[0, inputs["input_ids"].shape[1]:].tolist()
+        assert vlm.generate_ids(sample.images[0], sample.question, max_new_tokens=8) == expected, name
