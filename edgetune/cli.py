@@ -100,6 +100,26 @@ def train(
 
 @app.command()
 @user_errors
+def sweep(
+    recipe: Path = typer.Argument(..., help="Recipe YAML; its method section is replaced per run."),
+    methods: str = typer.Option("lora,adapter,llama_adapter,ia3,prefix,adalink", "--methods", help="Comma-separated methods."),
+    seeds: int = typer.Option(1, "--seeds", help="Seeds per (method, connector); accuracy is reported as mean ± std."),
+    connector: str = typer.Option("on", "--connector", help="Connector tuning: on, off or on,off."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key for every run (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: runs/sweep-<recipe name>-<time>)."),
+) -> None:
+    """Compare PEFT methods on the same data and step budget: accuracy, parameters, memory, time, ONNX accuracy."""
+    from edgetune.recipe import load_recipe
+    from edgetune.sweep import parse_connector, run_sweep
+
+    parsed = load_recipe(recipe, set_ or [])
+    target = out or Path("runs") / f"sweep-{recipe.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_sweep(parsed, [m.strip() for m in methods.split(",") if m.strip()], seeds, parse_connector(connector), target)
+    typer.echo(f"sweep written to {target} (sweep.md, sweep.png, sweep.json)")
+
+
+@app.command()
+@user_errors
 def merge(
     run_dir: Path = typer.Argument(..., help="A run directory from `edgetune train`."),
     out: Optional[Path] = typer.Option(None, "--out", help="Merged model directory (default: RUN_DIR-merged)."),

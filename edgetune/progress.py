@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+import threading
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -22,12 +23,50 @@ def debug_enabled() -> bool:
     return _debug["on"] or bool(os.environ.get("EDGETUNE_DEBUG"))
 
 
-def peak_memory_mb() -> float:
-    """Peak GPU memory allocated if CUDA is in use, else this process's peak resident set."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+class PeakMemory:
+    """Peak memory over a block: GPU memory allocated on CUDA, else the process's resident set,
+    sampled every 20 ms (the process-lifetime peak, ru_maxrss, would carry one run's peak into the
+    next when several runs share a process, as in a sweep)."""
+
+    def __init__(self, device_type: str = "cpu"):
+        self.cuda = device_type == "cuda"
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeakMemory":
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.peak_bytes = current_rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
+
+    @property
+    def mb(self) -> float:
+        if self.cuda:
+            import torch
+
+            return torch.cuda.max_memory_allocated() / 2**20
+        return max(self.peak_bytes, current_rss_bytes()) / 2**20
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: fall back to the lifetime peak
+        scale = 1 if sys.platform == "darwin" else 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def step_progress(description: str) -> Progress:

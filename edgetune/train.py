@@ -25,7 +25,7 @@ from edgetune.data import Sample, collate, encode_sample, load_samples
 from edgetune.io import atomic_output_dir
 from edgetune.load import count_parameters, detect_family, load_backbone, resolve_compute_dtype, resolve_device
 from edgetune.methods import get_method
-from edgetune.progress import console, peak_memory_mb, step_progress
+from edgetune.progress import PeakMemory, console, step_progress
 from edgetune.recipe import Recipe, save_recipe
 
 
@@ -155,7 +155,8 @@ def train(recipe: Recipe, run_dir: Path, overwrite: bool = False) -> TrainResult
             f"{backbone.family.name} | {method.name} | trainable parameters: {trainable:,} of {total:,} "
             f"({100 * trainable / total:.3f}%) | {device.type} {str(dtype).removeprefix('torch.')}"
         )
-        result = _loop(recipe, model, backbone.processor, train_samples, eval_samples, scratch, device, dtype)
+        with PeakMemory(device.type) as memory:
+            result = _loop(recipe, model, backbone.processor, train_samples, eval_samples, scratch, device, dtype, memory)
         method.save(model, scratch / "adapter")
         save_recipe(recipe, scratch / "recipe.yaml")
         summary = TrainResult(str(run_dir), backbone.family.name, method.name, trainable, total, **result)
@@ -164,7 +165,7 @@ def train(recipe: Recipe, run_dir: Path, overwrite: bool = False) -> TrainResult
     return summary
 
 
-def _loop(recipe, model, processor, train_samples, eval_samples, run_dir: Path, device, dtype) -> dict[str, Any]:
+def _loop(recipe, model, processor, train_samples, eval_samples, run_dir: Path, device, dtype, memory: PeakMemory) -> dict[str, Any]:
     cfg = recipe.train
     pad_id = processor.tokenizer.pad_token_id
     train_set = EncodedDataset(train_samples, processor, recipe.data.max_length)
@@ -194,7 +195,7 @@ def _loop(recipe, model, processor, train_samples, eval_samples, run_dir: Path, 
             losses.append(step_loss)
             elapsed = time.perf_counter() - start
             record = {"step": step, "loss": step_loss, "lr": schedule.get_last_lr()[0],
-                      "tokens_per_s": tokens_seen / elapsed, "peak_mem_mb": peak_memory_mb()}
+                      "tokens_per_s": tokens_seen / elapsed, "peak_mem_mb": memory.mb}
             log.write(json.dumps(record) + "\n")
             if eval_set and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 eval_loss = held_out_loss(model, eval_set, pad_id, cfg.batch_size, cfg.eval_samples, device, dtype)
@@ -209,7 +210,7 @@ def _loop(recipe, model, processor, train_samples, eval_samples, run_dir: Path, 
         final_loss=sum(losses[-5:]) / len(losses[-5:]),
         eval_loss=eval_loss,
         train_seconds=seconds,
-        peak_memory_mb=peak_memory_mb(),
+        peak_memory_mb=memory.mb,
         tokens_per_second=tokens_seen / seconds,
     )
 

@@ -85,3 +85,15 @@ def test_debug_shows_the_traceback_for_that_invocation_only(write_recipe):
     bad = str(write_recipe(train={"max_stepz": 3}))
     assert isinstance(runner.invoke(app, ["--debug", "train", bad]).exception, UserError)
     assert_user_error(runner.invoke(app, ["train", bad]), "train.max_stepz")
+
+
+def test_a_method_the_family_cannot_take_is_refused_before_training(write_recipe, tmp_path, monkeypatch):
+    from edgetune.methods import METHODS
+
+    def refuse(family):
+        raise UserError(f"method 'lora' cannot be exported for family '{family.name}'")
+
+    monkeypatch.setattr(METHODS["lora"], "check_family", refuse)
+    result = run("train", write_recipe(), "--out", tmp_path / "run")
+    assert_user_error(result, "cannot be exported", "llava")
+    assert not (tmp_path / "run").exists()
