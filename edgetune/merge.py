@@ -50,8 +50,12 @@ def load_run(run_dir: Path) -> Recipe:
 
 
 def dequantize_to_fp32(model: Any) -> Any:
-    """Replace every bitsandbytes layer by an fp32 nn.Linear holding its dequantized weight."""
-    model = model.dequantize()
+    """Replace every bitsandbytes layer by an fp32 nn.Linear holding its dequantized weight; the
+    result is as frozen as the 4-bit model was (the new layers would otherwise require grad)."""
+    model = model.dequantize().requires_grad_(False)
+    # transformers 4.57 leaves these flags set after dequantize(); peft reads them and refuses to
+    # merge IA3 into what it takes for a 4-bit model.
+    model.is_loaded_in_4bit = model.is_loaded_in_8bit = False
     # transformers 4.57 clears this marker on the top-level config only; a sub-config that keeps
     # it holds a torch.dtype, which save_pretrained cannot write as JSON.
     for sub in model.config.sub_configs:
@@ -66,12 +70,18 @@ def load_adapted(run_dir: Path, dequantize: bool) -> tuple[Backbone, Any, Recipe
     """
     recipe = load_run(run_dir)
     method = get_method(recipe.method, str(Path(run_dir) / "recipe.yaml"))
-    backbone = load_backbone(recipe.model, recipe.quantization, torch.device("cpu"), torch.float32)
-    if dequantize and recipe.quantization.mode != "none":
-        backbone.model = dequantize_to_fp32(backbone.model)
+    backbone = load_base(recipe, dequantize)
     adapted = method.load(backbone.model, backbone.family, recipe.method, Path(run_dir) / "adapter")
     adapted.eval()
     return backbone, adapted, recipe
+
+
+def load_base(recipe: Recipe, dequantize: bool) -> Backbone:
+    """The run's frozen backbone on CPU in fp32, with the 4-bit layers dequantized if asked."""
+    backbone = load_backbone(recipe.model, recipe.quantization, torch.device("cpu"), torch.float32)
+    if dequantize and recipe.quantization.mode != "none":
+        backbone.model = dequantize_to_fp32(backbone.model)
+    return backbone
 
 
 def probe_batch(recipe: Recipe, processor: Any) -> dict[str, Any]:
@@ -94,8 +104,7 @@ def dequantize_then_merge(run_dir: Path, out_dir: Path, overwrite: bool = False)
                 method.merge(adapted, backbone.family).save_pretrained(scratch, safe_serialization=True)
             else:
                 # The base is saved without the method's modules, the trained artifact beside it.
-                plain = load_adapted(run_dir, dequantize=True)[0].model
-                plain.save_pretrained(scratch, safe_serialization=True)
+                load_base(recipe, dequantize=True).model.save_pretrained(scratch, safe_serialization=True)
                 shutil.copytree(Path(run_dir) / "adapter", scratch / METHOD_DIR)
             backbone.processor.save_pretrained(scratch)
             provenance = {"run_dir": str(Path(run_dir).resolve()), "recipe": recipe.to_yaml_dict(),
@@ -128,7 +137,7 @@ def load_merged(model_dir: Path) -> Merged:
 
     model_dir = Path(model_dir)
     family = family_of_model_dir(model_dir, where=str(model_dir))
-    model = family.model_class().from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = family.model_class().from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
     provenance_file = model_dir / PROVENANCE_FILE
     provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
     method = None

@@ -35,6 +35,8 @@ def make_recipe(path, model_dir, task, **sections):
         "data": {"train": str(task / "data/train.json"), "eval": str(task / "data/eval.json"), "max_length": 128},
         "train": {"max_steps": 8, "lr": 3e-3, "batch_size": 4, "warmup_steps": 1, "eval_every": 0},
     }
+    if sections.get("method", {}).get("name", "lora") != "lora":
+        recipe["method"] = {}  # the LoRA options above would be an error for another method
     for name, values in sections.items():
         recipe.setdefault(name, {}).update(values)
     path.write_text(yaml.safe_dump(recipe))

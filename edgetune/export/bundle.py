@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from rich.console import Console
+from safetensors.numpy import save_file as save_numpy
 
 from edgetune.errors import UserError
 from edgetune.export.graphs import describe_graph, export_graph, graph_specs, text_dims
@@ -35,8 +37,9 @@ from edgetune.families import family_of_model_dir
 from edgetune.families.base import ModelFamily
 from edgetune.io import atomic_output_dir
 from edgetune.merge import load_merged
+from edgetune.methods.modules import methods_disabled
 from edgetune.runtime import OnnxVLM
-from edgetune.runtime.bundle import FORMAT_VERSION, MANIFEST_FILE
+from edgetune.runtime.bundle import FORMAT_VERSION, KV_PREFIX_FILE, MANIFEST_FILE
 from edgetune.runtime.generate import positions_from_mask
 
 # Max |logit diff| against PyTorch that an export at each precision must meet.
@@ -64,9 +67,11 @@ def export_bundle(model_dir: Path, out_dir: Path, precision: str = "fp32", overw
             merged = load_merged(model_dir)  # a "graph" method's modules are attached and get traced
             model, processor = merged.model, merged.processor
         image, prompt = conventions(family, model, processor, model_dir)
+        kv_prefix = merged.method is not None and merged.method.export_as == "kv_prefix"
         graphs = {}
         for spec in graph_specs(family, model, tuple(image["size"])):
-            with console.status(f"exporting {spec.name}.onnx"):
+            # A KV prefix is not traced: the runtime feeds it as the first cached tokens.
+            with console.status(f"exporting {spec.name}.onnx"), methods_disabled(model) if kv_prefix else nullcontext():
                 graphs[spec.name] = describe_graph(export_graph(spec, scratch))
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -79,6 +84,8 @@ def export_bundle(model_dir: Path, out_dir: Path, precision: str = "fp32", overw
             "prompt": prompt,
             "source": source_of(model_dir),
         }
+        if kv_prefix:
+            manifest["kv_prefix"] = save_kv_prefix(merged.method.kv_prefix(model, family), scratch)
         write_manifest(scratch, manifest)  # the runtime loads the bundle through it; parity is added below
         with console.status("checking ONNX against PyTorch"):
             vlm = OnnxVLM.load(scratch)
@@ -279,6 +286,17 @@ def save_tokenizer(processor: Any, model: Any, out_dir: Path, model_dir: Path) -
         "eos_token_ids": eos if isinstance(eos, list) else [eos],
         "pad_token_id": tokenizer.pad_token_id,
     }
+
+
+def save_kv_prefix(prefix: list[tuple[torch.Tensor, torch.Tensor]], out_dir: Path) -> dict:
+    """kv_prefix.safetensors: per layer the prefix keys/values [kv_heads, length, head_dim], named
+    like the decoder's past inputs; the manifest's section."""
+    tensors = {}
+    for i, (key, value) in enumerate(prefix):
+        tensors[f"past_key_values.{i}.key"] = key.float().contiguous().numpy()
+        tensors[f"past_key_values.{i}.value"] = value.float().contiguous().numpy()
+    save_numpy(tensors, str(out_dir / KV_PREFIX_FILE))
+    return {"file": KV_PREFIX_FILE, "length": int(prefix[0][0].shape[1])}
 
 
 def source_of(model_dir: Path) -> dict:

@@ -22,8 +22,14 @@ class ModelFamily:
     language_model: str  # the decoder stack (embeddings, layers, final norm)
     lm_head: str = "lm_head"
     layers: str  # the ModuleList of decoder layers
+    attention: str = "self_attn"  # inside a decoder layer
+    mlp: str = "mlp"
     attention_linears: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     mlp_linears: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    key_value_linears: tuple[str, ...] = ("k_proj", "v_proj")  # IA3 rescales their outputs
+    mlp_output_linear: str = "down_proj"  # IA3 rescales its input: the MLP's inner activations
+    connector_output: str | None = None  # the connector's last nn.Linear (AdaLink folds into it)
+    rope: str = "1d"  # "1d": the attention module's apply_rotary_pos_emb(q, k, cos, sin)
 
     def model_class(self) -> type:
         import transformers
@@ -54,8 +60,13 @@ class ModelFamily:
             "mlp": self.mlp_linears,
             "both": self.attention_linears + self.mlp_linears,
         }[placement]
+        return self.module_regex(names, layer_ids)
+
+    def module_regex(self, names: tuple[str, ...], layer_ids: list[int] | None = None) -> str:
+        """A regex matching the LLM's submodules called ``names`` (in attention or MLP) in ``layer_ids``."""
         layers = r"\d+" if layer_ids is None else "(" + "|".join(str(i) for i in layer_ids) + ")"
-        return rf"^{re.escape(self.layers)}\.{layers}\.(self_attn|mlp)\.({'|'.join(names)})$"
+        parts = f"({re.escape(self.attention)}|{re.escape(self.mlp)})"
+        return rf"^{re.escape(self.layers)}\.{layers}\.{parts}\.({'|'.join(names)})$"
 
     def image_features(self, model: Any, pixel_values: Any) -> Any:
         """Pixels -> image embeddings in the LLM's hidden size, shape [num_images, tokens, hidden]."""

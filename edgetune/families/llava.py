@@ -27,6 +27,7 @@ class LlavaFamily(ModelFamily):
     connector = "model.multi_modal_projector"
     language_model = "model.language_model"
     layers = "model.language_model.layers"
+    connector_output = "model.multi_modal_projector.linear_2"
 
     def image_features(self, model: Any, pixel_values: Any) -> Any:
         """LlavaModel.get_image_features, returned as one tensor instead of a per-image list

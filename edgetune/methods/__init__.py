@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from edgetune.errors import UserError
+from edgetune.methods.adalink import AdaLinkMethod
+from edgetune.methods.adapter import BottleneckAdapterMethod
 from edgetune.methods.base import PeftMethod
+from edgetune.methods.ia3 import IA3Method
+from edgetune.methods.llama_adapter import LlamaAdapterMethod
 from edgetune.methods.lora import LoraMethod
+from edgetune.methods.prefix import PrefixTuningMethod
 from edgetune.recipe import MethodSection
 
 METHODS: dict[str, PeftMethod] = {
     "lora": LoraMethod(),
+    "adapter": BottleneckAdapterMethod(),
+    "llama_adapter": LlamaAdapterMethod(),
+    "ia3": IA3Method(),
+    "prefix": PrefixTuningMethod(),
+    "adalink": AdaLinkMethod(),
 }
 
 COMMON_OPTIONS = frozenset({"name", "train_connector"})

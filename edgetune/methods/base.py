@@ -49,7 +49,44 @@ class PeftMethod:
         return a plain transformers model with identical outputs."""
         raise NotImplementedError(f"method '{self.name}' is exported as '{self.export_as}', not merged")
 
-    def kv_prefix(self, model: Any) -> list[tuple[Any, Any]]:
+    def kv_prefix(self, model: Any, family: ModelFamily) -> list[tuple[Any, Any]]:
         """export_as == "kv_prefix": per layer (key, value), each [kv_heads, prefix_len, head_dim],
-        exactly as the attention layers see them (after any projection, before concatenation)."""
+        exactly as the attention layers see them in front of the cache."""
         raise NotImplementedError(f"method '{self.name}' has no KV prefix")
+
+
+class PeftLibraryMethod(PeftMethod):
+    """A method peft implements (lora, ia3): ``peft_config`` picks the modules, peft does the rest.
+    The artifact is peft's own format (adapter_config.json + adapter_model.safetensors)."""
+
+    def peft_config(self, model: Any, family: ModelFamily, config: MethodSection) -> Any:
+        raise NotImplementedError
+
+    def attach(self, model: Any, family: ModelFamily, config: MethodSection) -> Any:
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.peft_config(model, family, config))
+
+    def save(self, model: Any, out_dir: Path) -> None:
+        model.save_pretrained(out_dir, safe_serialization=True)
+
+    def load(self, model: Any, family: ModelFamily, config: MethodSection, artifact_dir: Path) -> Any:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, artifact_dir)
+
+    def merge(self, model: Any, family: ModelFamily) -> Any:
+        from peft.utils import ModulesToSaveWrapper
+
+        # The trained connector copy goes back in place first: peft 0.21's IA3 unload would treat
+        # its wrapper as a linear layer and fail (LoRA's unload handles it, but needs no help).
+        for name, module in list(model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, module.modules_to_save[module.active_adapters[0]])
+        return model.merge_and_unload()
+
+    @staticmethod
+    def connector_to_save(family: ModelFamily, config: MethodSection) -> list[str] | None:
+        """peft's modules_to_save: the connector trains fully (and is saved) when train_connector is on."""
+        return [family.connector.split(".")[-1]] if config.train_connector else None

@@ -2,38 +2,28 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from edgetune.families import ModelFamily
-from edgetune.methods.base import PeftMethod
+from edgetune.methods.base import PeftLibraryMethod
 from edgetune.recipe import MethodSection
 
 
-class LoraMethod(PeftMethod):
+class LoraMethod(PeftLibraryMethod):
     name = "lora"
     options = frozenset({"rank", "alpha", "dropout", "placement", "layers"})
 
-    def attach(self, model: Any, family: ModelFamily, config: MethodSection) -> Any:
-        from peft import LoraConfig, get_peft_model
+    def peft_config(self, model: Any, family: ModelFamily, config: MethodSection) -> Any:
+        from peft import LoraConfig
 
-        lora = LoraConfig(
+        from edgetune.methods.modules import chosen_layers
+
+        layers = chosen_layers(model, family, config) if config.layers is not None else None
+        return LoraConfig(
             r=config.rank,
             lora_alpha=config.alpha,
             lora_dropout=config.dropout,
-            target_modules=family.linear_regex(config.placement, config.layers),
-            modules_to_save=[family.connector.split(".")[-1]] if config.train_connector else None,
+            target_modules=family.linear_regex(config.placement, layers),
+            modules_to_save=self.connector_to_save(family, config),
             bias="none",
         )
-        return get_peft_model(model, lora)
-
-    def save(self, model: Any, out_dir: Path) -> None:
-        model.save_pretrained(out_dir, safe_serialization=True)
-
-    def load(self, model: Any, family: ModelFamily, config: MethodSection, artifact_dir: Path) -> Any:
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, artifact_dir)
-
-    def merge(self, model: Any, family: ModelFamily) -> Any:
-        return model.merge_and_unload()

@@ -15,6 +15,7 @@ from edgetune.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+KV_PREFIX_FILE = "kv_prefix.safetensors"
 GRAPH_NAMES = ("vision", "embed", "decoder")
 REQUIRED_SECTIONS = ("family", "precision", "graphs", "text", "image", "tokenizer", "prompt")
 REEXPORT = "re-run `edgetune export`"
@@ -54,4 +55,6 @@ def bundle_files(manifest: dict) -> list[str]:
         graph = manifest["graphs"][name]
         files += [graph["file"], *graph.get("data_files", [])]
     files.append(manifest["tokenizer"]["file"])
+    if manifest.get("kv_prefix"):
+        files.append(manifest["kv_prefix"]["file"])
     return files

@@ -9,6 +9,11 @@ One step of the model is ``forward``: embed.onnx on the ids, vision.onnx on the 
 embeddings written into the image-token rows, then decoder.onnx with the KV cache. The cache is a
 dict of numpy arrays keyed by the decoder's past input names; each step's ``present.*`` outputs
 become the next step's ``past_key_values.*`` inputs.
+
+A bundle from prefix tuning carries a constant KV prefix (manifest "kv_prefix"): the empty cache
+is that prefix rather than nothing, the decoder's mask gets as many always-visible columns in
+front, and positions count real tokens only. Callers never see it: the masks they pass and the
+positions they get cover their own tokens.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class OnnxVLM:
         self.past_names = [value["name"] for value in past_inputs]
         self.past_dtype = np.dtype(past_inputs[0]["dtype"])
         self.eos_token_ids = set(manifest["tokenizer"]["eos_token_ids"])
+        self.kv_prefix: dict[str, np.ndarray] = {}
 
     @classmethod
     def load(cls, bundle_dir: Path | str, threads: int | None = None) -> OnnxVLM:
@@ -66,7 +72,10 @@ class OnnxVLM:
             tokenizer = Tokenizer.from_file(str(tokenizer_path))
         except Exception as err:
             raise UserError(f"{tokenizer_path} is not a tokenizers file ({err}); {REEXPORT}") from None
-        return cls(manifest, sessions, tokenizer)
+        vlm = cls(manifest, sessions, tokenizer)
+        if manifest.get("kv_prefix"):
+            vlm.kv_prefix = load_kv_prefix(bundle_dir / manifest["kv_prefix"]["file"], vlm.past_names)
+        return vlm
 
     # ---- prompt and image -> model inputs -------------------------------------------------------
 
@@ -91,6 +100,10 @@ class OnnxVLM:
     # ---- one model step ------------------------------------------------------------------------
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        """The cache before the first token: empty, or the bundle's KV prefix for every row."""
+        if self.kv_prefix:
+            return {name: np.repeat(self.kv_prefix[name][None].astype(self.past_dtype), batch, axis=0)
+                    for name in self.past_names}
         text = self.manifest["text"]
         shape = (batch, text["num_kv_heads"], 0, text["head_dim"])
         return {name: np.zeros(shape, self.past_dtype) for name in self.past_names}
@@ -117,6 +130,9 @@ class OnnxVLM:
             (image_embeds,) = self.sessions["vision"].run(None, {"pixel_values": pixels})
             embeds = replace_image_tokens(embeds, input_ids, image_embeds, self.manifest["image"]["token_id"])
         position_ids = positions_from_mask(attention_mask)[:, -input_ids.shape[1] :]
+        if self.kv_prefix:
+            length = self.manifest["kv_prefix"]["length"]
+            attention_mask = np.concatenate([np.ones((len(attention_mask), length), np.int64), attention_mask], axis=1)
         feed = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids}
         logits, *present = self.sessions["decoder"].run(None, {**feed, **past})
         return logits, dict(zip(self.past_names, present))
@@ -175,6 +191,20 @@ class OnnxVLM:
                 return  # no decoder step for a token nobody will read
             mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
             logits, past = self.forward(np.array([[token]]), mask, past)
+
+
+def load_kv_prefix(path: Path, past_names: list[str]) -> dict[str, np.ndarray]:
+    """kv_prefix.safetensors -> {past input name: [kv_heads, length, head_dim]}, one per past input."""
+    from safetensors.numpy import load_file
+
+    try:
+        prefix = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type for a corrupt header
+        raise UserError(f"{path} is not a safetensors file ({err}); {REEXPORT}") from None
+    missing = [name for name in past_names if name not in prefix]
+    if missing:
+        raise UserError(f"{path} has no tensor {missing[0]}; {REEXPORT}")
+    return prefix
 
 
 def stream_text(tokenizer: Tokenizer, token_ids: Iterable[int]) -> Iterator[str]:

@@ -1,0 +1,90 @@
+"""LLaMA-Adapter (Zhang et al. 2023): learnable adaption prompts with zero-initialised, gated
+attention in the top layers of the LLM.
+
+In an adapted layer with K prompt tokens P (K x hidden), each query attends to the prompts with a
+softmax of its own, scaled by a per-head gate g initialised to zero, and the result is added to the
+layer's ordinary attention output:
+
+    out = attn(x) + o_proj( g * softmax(q k_P^T / sqrt(d)) v_P ),   k_P = k_proj(P), v_P = v_proj(P)
+
+q carries its rotary position as in the ordinary attention; the prompts carry none. With g = 0
+the layer is exactly the frozen one at step 0, and knowledge flows in only as the gates open.
+
+peft's AdaptionPrompt does this for a few text model types (llama, mistral, gpt2) keyed on the top
+config's model_type, which a VLM never matches; this is the general version for any attention
+module that has q/k/v/o projections and its modeling file's ``apply_rotary_pos_emb``. The prompts
+are nonlinear in the output, so the method is traced into decoder.onnx rather than merged.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from edgetune.errors import UserError
+from edgetune.families import ModelFamily
+from edgetune.families.base import get_module
+from edgetune.methods.modules import MethodModule, OwnMethod, attach_module, chosen_layers, decoder_layers, hidden_states_arg
+from edgetune.recipe import MethodSection
+
+CHILD = "adaption_prompt"
+UNADAPTED_BOTTOM_LAYERS = 2  # the paper adapts the top 30 of LLaMA-7B's 32 layers
+
+
+class AdaptionPrompt(MethodModule):
+    def __init__(self, attention: torch.nn.Module, prompt_len: int, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.prompt = torch.nn.Parameter(torch.randn(prompt_len, hidden_size))  # N(0, 1) as in the paper's code
+        self.gate = torch.nn.Parameter(torch.zeros(num_heads))
+        self.rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+
+    def after(self, attn, args, kwargs, output):
+        hidden = hidden_states_arg(args, kwargs)
+        batch, seq, _ = hidden.shape
+        head_dim = attn.head_dim
+        query = attn.q_proj(hidden).view(batch, seq, -1, head_dim).transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]
+        query = self.rotate(query, query, cos, sin)[0]
+        prompt = self.prompt.to(hidden.dtype)
+        keys = attn.k_proj(prompt).view(prompt.shape[0], -1, head_dim)  # [K, kv_heads, head_dim]
+        values = attn.v_proj(prompt).view(prompt.shape[0], -1, head_dim)
+        groups = query.shape[1] // keys.shape[1]  # grouped-query attention: kv heads are shared
+        keys = keys.transpose(0, 1).repeat_interleave(groups, dim=0)  # [heads, K, head_dim]
+        values = values.transpose(0, 1).repeat_interleave(groups, dim=0)
+        scores = torch.matmul(query, keys.transpose(-1, -2)) * attn.scaling  # [batch, heads, seq, K]
+        weights = torch.softmax(scores.float(), dim=-1).to(values.dtype)
+        gated = torch.matmul(weights, values) * self.gate.to(values.dtype)[:, None, None]
+        extra = attn.o_proj(gated.transpose(1, 2).reshape(batch, seq, -1))
+        if getattr(attn.o_proj, "bias", None) is not None:
+            extra = extra - attn.o_proj.bias  # o_proj is linear: add only its weight's share
+        return (output[0] + extra.to(output[0].dtype), *output[1:])
+
+
+class LlamaAdapterMethod(OwnMethod):
+    name = "llama_adapter"
+    options = frozenset({"prompt_len", "layers", "visual_prompt"})
+    export_as = "graph"
+
+    def check_family(self, family: ModelFamily) -> None:
+        if family.rope != "1d":
+            raise UserError(
+                f"method 'llama_adapter' does not support '{family.name}' models yet: their {family.rope} rotary "
+                "positions are not implemented for the adaption prompts; choose another method"
+            )
+
+    def add_modules(self, model: Any, family: ModelFamily, config: MethodSection) -> None:
+        if config.visual_prompt:
+            raise UserError("method.visual_prompt: the multimodal variant is not available yet; set it to false")
+        text = family.text_config(model.config)
+        layers = decoder_layers(model, family)
+        count = len(layers)
+        top = list(range(UNADAPTED_BOTTOM_LAYERS, count)) if count > UNADAPTED_BOTTOM_LAYERS else list(range(count))
+        device = next(layers.parameters()).device
+        for i in chosen_layers(model, family, config, default=top):
+            attention = get_module(layers[i], family.attention)
+            if not hasattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb"):
+                raise UserError(f"method 'llama_adapter': {type(attention).__name__} has no apply_rotary_pos_emb; choose another method")
+            module = AdaptionPrompt(attention, config.prompt_len, text.hidden_size, text.num_attention_heads)
+            attach_module(attention, CHILD, module.to(device))
