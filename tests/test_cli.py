@@ -25,7 +25,7 @@ def assert_user_error(result, *needles):
         assert needle in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("command", ["quickstart", "train", "merge", "export", "infer", "eval", "tiny-model"])
+@pytest.mark.parametrize("command", ["quickstart", "train", "merge", "export", "infer", "eval", "sweep", "tiny-model"])
 def test_every_command_has_help(command):
     result = run(command, "--help")
     assert result.exit_code == 0 and "Usage" in result.output
@@ -87,13 +87,32 @@ def test_debug_shows_the_traceback_for_that_invocation_only(write_recipe):
     assert_user_error(runner.invoke(app, ["train", bad]), "train.max_stepz")
 
 
-def test_a_method_the_family_cannot_take_is_refused_before_training(write_recipe, tmp_path, monkeypatch):
-    from edgetune.methods import METHODS
+@pytest.mark.parametrize(
+    "method, family_attr, value, needle",
+    [("adalink", "connector_output", None, "does not end in a linear layer"),
+     ("llama_adapter", "rope", "mrope", "mrope rotary positions")],
+)
+def test_a_method_the_family_cannot_take_is_refused_before_loading(write_recipe, tmp_path, monkeypatch,
+                                                                   method, family_attr, value, needle):
+    """A family without what the method needs (here: the LLaVA family with that part taken away)
+    is refused before the model is even loaded, not after training."""
+    from edgetune import train as train_module
+    from edgetune.families import FAMILIES
 
-    def refuse(family):
-        raise UserError(f"method 'lora' cannot be exported for family '{family.name}'")
+    monkeypatch.setattr(FAMILIES["llava"], family_attr, value)
+    monkeypatch.setattr(train_module, "load_backbone", lambda *a, **k: pytest.fail("the model was loaded"))
+    result = run("train", write_recipe(method={"name": method}), "--out", tmp_path / "run")
+    assert_user_error(result, f"method '{method}'", "'llava'", needle, "choose another method")
+    assert not (tmp_path / "run").exists()
 
-    monkeypatch.setattr(METHODS["lora"], "check_family", refuse)
-    result = run("train", write_recipe(), "--out", tmp_path / "run")
-    assert_user_error(result, "cannot be exported", "llava")
+
+def test_a_method_option_that_does_not_apply_names_the_key(write_recipe, tmp_path):
+    result = run("train", write_recipe(method={"name": "adalink", "placement": "mlp"}), "--out", tmp_path / "run")
+    assert_user_error(result, "method.placement", "does not apply to method 'adalink'", "rank")
+    assert not (tmp_path / "run").exists()
+
+
+def test_method_layers_out_of_range_names_the_key(write_recipe, tmp_path):
+    result = run("train", write_recipe(method={"name": "adapter", "layers": [0, 7]}), "--out", tmp_path / "run")
+    assert_user_error(result, "method.layers", "0..1")
     assert not (tmp_path / "run").exists()

@@ -1,8 +1,8 @@
 """One matrix over every registered method (peft's lesson): the same tiny model, the same checks.
 
-For each method: the model at step 0 equals the frozen model (zero-init methods), a few steps
-lower the loss, save -> load reproduces the outputs, and the exported bundle matches PyTorch
-within the fp32 tolerance and gives the same greedy tokens.
+For each method (and LLaMA-Adapter's multimodal variant): the model at step 0 equals the frozen
+model (zero-init methods), a few steps lower the loss, save -> load reproduces the outputs, and the
+exported bundle matches PyTorch within the fp32 tolerance and gives the same greedy tokens.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ from edgetune.recipe import load_recipe
 from edgetune.train import EncodedDataset, train
 from tests.conftest import make_recipe
 
-NAMES = sorted(METHODS)
+VARIANTS = {name: {"name": name} for name in sorted(METHODS)}
+VARIANTS["llama_adapter-visual"] = {"name": "llama_adapter", "visual_prompt": True}
+NAMES = list(VARIANTS)
 CPU = torch.device("cpu")
 
 
 def recipe_for(name, tmp_path, tiny_llava_dir, task_dir, **train):
-    return load_recipe(make_recipe(tmp_path / f"{name}.yaml", tiny_llava_dir, task_dir, method={"name": name},
+    return load_recipe(make_recipe(tmp_path / f"{name}.yaml", tiny_llava_dir, task_dir, method=VARIANTS[name],
                                    train={"max_steps": 30, "lr": 3e-3, "batch_size": 8, **train}))
 
 

@@ -58,5 +58,5 @@ def test_not_yaml_and_not_a_mapping(tmp_path):
 
 def test_unknown_method_lists_the_known_ones(write_recipe):
     recipe = load_recipe(write_recipe(method={"name": "dora"}))
-    with pytest.raises(UserError, match=r"unknown method 'dora'; known: lora"):
+    with pytest.raises(UserError, match=r"unknown method 'dora'; known: adalink, adapter, ia3, llama_adapter, lora, prefix$"):
         get_method(recipe.method)

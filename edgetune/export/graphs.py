@@ -12,7 +12,9 @@ image and the decoder once per generated token:
                      present.{i}.key/.value [batch, kv_heads, past + seq, head_dim]
 
 The decoder never sees pixels: the runtime writes image_embeds into the rows of inputs_embeds that
-hold image tokens, as the families' own forward does. Every module is built from the family
+hold image tokens, as the families' own forward does. A method module that needs a per-image
+tensor on every step (LLaMA-Adapter's visual prompt) adds one decoder input after position_ids,
+``image_feature`` [batch, hidden]: the mean of the image's image_embeds, which the runtime computes. Every module is built from the family
 interface (image_features, the language model and lm_head paths, get_input_embeddings), so a new
 family exports through the same code.
 
@@ -78,8 +80,12 @@ class DecoderGraph(torch.nn.Module):
         super().__init__()
         self.language_model = get_module(model, family.language_model)
         self.lm_head = get_module(model, family.lm_head)
+        self.fed = fed_modules(model)
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past: torch.Tensor):
+    def forward(self, inputs_embeds, attention_mask, position_ids, *rest: torch.Tensor):
+        features, past = rest[: len(self.fed)], rest[len(self.fed) :]
+        for module, feature in zip(self.fed, features):
+            module.feature = feature
         cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))
         out = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -90,6 +96,13 @@ class DecoderGraph(torch.nn.Module):
         )
         present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
         return (self.lm_head(out.last_hidden_state), *present)
+
+
+def fed_modules(model: Any) -> list[Any]:
+    """The method modules that take a decoder input of their own (see the module docstring)."""
+    from edgetune.methods.modules import MethodModule
+
+    return [m for m in model.modules() if isinstance(m, MethodModule) and m.decoder_input]
 
 
 @dataclass
@@ -134,6 +147,7 @@ def graph_specs(family: ModelFamily, model: Any, image_size: tuple[int, int]) ->
     batch, past, seq = Dim("batch"), Dim("past", min=0), Dim("seq")
     kv_shape = (2, dims.num_kv_heads, 4, dims.head_dim)
     kv_names = [f"{i}.{kind}" for i in range(dims.num_layers) for kind in ("key", "value")]
+    fed = [m.decoder_input for m in fed_modules(model)]
     return [
         GraphSpec(
             name="vision",
@@ -158,16 +172,17 @@ def graph_specs(family: ModelFamily, model: Any, image_size: tuple[int, int]) ->
                 torch.randn(2, 3, dims.hidden_size),
                 torch.ones(2, 7, dtype=torch.int64),
                 torch.arange(4, 7).repeat(2, 1),
+                *[torch.randn(2, dims.hidden_size) for _ in fed],
                 *[torch.randn(kv_shape) for _ in kv_names],
             ),
-            input_names=["inputs_embeds", "attention_mask", "position_ids"]
+            input_names=["inputs_embeds", "attention_mask", "position_ids", *fed]
             + [f"past_key_values.{n}" for n in kv_names],
             output_names=["logits"] + [f"present.{n}" for n in kv_names],
             dynamic_shapes=(
                 {0: batch, 1: seq},
                 {0: batch, 1: Dim("total")},
                 {0: batch, 1: seq},
-                tuple({0: batch, 2: past} for _ in kv_names),  # one entry for *past
+                tuple([{0: batch} for _ in fed] + [{0: batch, 2: past} for _ in kv_names]),  # one entry for *rest
             ),
         ),
     ]

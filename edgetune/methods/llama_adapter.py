@@ -10,6 +10,10 @@ layer's ordinary attention output:
 q carries its rotary position as in the ordinary attention; the prompts carry none. With g = 0
 the layer is exactly the frozen one at step 0, and knowledge flows in only as the gates open.
 
+``visual_prompt: true`` is the paper's multimodal variant: the image's global feature (the mean of
+its embeddings out of the connector), through a learned projection initialised to zero, is added
+to every prompt token, so the prompts carry the image. It needs one image per sample.
+
 peft's AdaptionPrompt does this for a few text model types (llama, mistral, gpt2) keyed on the top
 config's model_type, which a VLM never matches; this is the general version for any attention
 module that has q/k/v/o projections and its modeling file's ``apply_rotary_pos_emb``. The prompts
@@ -30,15 +34,43 @@ from edgetune.methods.modules import MethodModule, OwnMethod, attach_module, cho
 from edgetune.recipe import MethodSection
 
 CHILD = "adaption_prompt"
+VISUAL_CHILD = "adaption_prompt_visual"
 UNADAPTED_BOTTOM_LAYERS = 2  # the paper adapts the top 30 of LLaMA-7B's 32 layers
 
 
+class GlobalImageFeature(MethodModule):
+    """On the connector: remembers each image's mean embedding for the adaption prompts of the
+    forward pass (and, in generate, of the decode steps that follow without pixels)."""
+
+    decoder_input = "image_feature"
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden_size, hidden_size)
+        torch.nn.init.zeros_(self.proj.weight)
+        torch.nn.init.zeros_(self.proj.bias)
+        self.feature: torch.Tensor | None = None  # [images, hidden]
+
+    def after(self, connector, args, kwargs, output):
+        self.feature = output.mean(dim=1)
+        return None
+
+    def prompt_offset(self, batch: int) -> torch.Tensor:
+        """[batch, 1, hidden]: the projected global feature, one per sample."""
+        if self.feature is None or self.feature.shape[0] != batch:
+            images = None if self.feature is None else self.feature.shape[0]
+            raise UserError(f"method.visual_prompt needs exactly one image per sample; got {images} image(s) for {batch} sample(s)")
+        return self.proj(self.feature.to(self.proj.weight.dtype))[:, None]
+
+
 class AdaptionPrompt(MethodModule):
-    def __init__(self, attention: torch.nn.Module, prompt_len: int, hidden_size: int, num_heads: int):
+    def __init__(self, attention: torch.nn.Module, prompt_len: int, hidden_size: int, num_heads: int,
+                 visual: GlobalImageFeature | None = None):
         super().__init__()
         self.prompt = torch.nn.Parameter(torch.randn(prompt_len, hidden_size))  # N(0, 1) as in the paper's code
         self.gate = torch.nn.Parameter(torch.zeros(num_heads))
         self.rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        self.__dict__["visual"] = visual  # shared by every layer, owned by the connector: not a child here
 
     def after(self, attn, args, kwargs, output):
         hidden = hidden_states_arg(args, kwargs)
@@ -47,12 +79,16 @@ class AdaptionPrompt(MethodModule):
         query = attn.q_proj(hidden).view(batch, seq, -1, head_dim).transpose(1, 2)
         cos, sin = kwargs["position_embeddings"]
         query = self.rotate(query, query, cos, sin)[0]
-        prompt = self.prompt.to(hidden.dtype)
-        keys = attn.k_proj(prompt).view(prompt.shape[0], -1, head_dim)  # [K, kv_heads, head_dim]
-        values = attn.v_proj(prompt).view(prompt.shape[0], -1, head_dim)
+        prompt = self.prompt[None]  # [1 or batch, K, hidden]
+        if self.visual is not None:
+            prompt = prompt + self.visual.prompt_offset(batch)
+        prompt = prompt.to(hidden.dtype)
+        rows, length = prompt.shape[:2]
+        keys = attn.k_proj(prompt).view(rows, length, -1, head_dim).transpose(1, 2)  # [rows, kv_heads, K, head_dim]
+        values = attn.v_proj(prompt).view(rows, length, -1, head_dim).transpose(1, 2)
         groups = query.shape[1] // keys.shape[1]  # grouped-query attention: kv heads are shared
-        keys = keys.transpose(0, 1).repeat_interleave(groups, dim=0)  # [heads, K, head_dim]
-        values = values.transpose(0, 1).repeat_interleave(groups, dim=0)
+        keys = keys.repeat_interleave(groups, dim=1)  # [rows, heads, K, head_dim]
+        values = values.repeat_interleave(groups, dim=1)
         scores = torch.matmul(query, keys.transpose(-1, -2)) * attn.scaling  # [batch, heads, seq, K]
         weights = torch.softmax(scores.float(), dim=-1).to(values.dtype)
         gated = torch.matmul(weights, values) * self.gate.to(values.dtype)[:, None, None]
@@ -75,16 +111,17 @@ class LlamaAdapterMethod(OwnMethod):
             )
 
     def add_modules(self, model: Any, family: ModelFamily, config: MethodSection) -> None:
-        if config.visual_prompt:
-            raise UserError("method.visual_prompt: the multimodal variant is not available yet; set it to false")
         text = family.text_config(model.config)
         layers = decoder_layers(model, family)
         count = len(layers)
         top = list(range(UNADAPTED_BOTTOM_LAYERS, count)) if count > UNADAPTED_BOTTOM_LAYERS else list(range(count))
         device = next(layers.parameters()).device
+        visual = None
+        if config.visual_prompt:
+            visual = attach_module(get_module(model, family.connector), VISUAL_CHILD, GlobalImageFeature(text.hidden_size).to(device))
         for i in chosen_layers(model, family, config, default=top):
             attention = get_module(layers[i], family.attention)
             if not hasattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb"):
                 raise UserError(f"method 'llama_adapter': {type(attention).__name__} has no apply_rotary_pos_emb; choose another method")
-            module = AdaptionPrompt(attention, config.prompt_len, text.hidden_size, text.num_attention_heads)
+            module = AdaptionPrompt(attention, config.prompt_len, text.hidden_size, text.num_attention_heads, visual)
             attach_module(attention, CHILD, module.to(device))

@@ -42,6 +42,10 @@ class MethodModule(torch.nn.Module):
     """
 
     enabled = True
+    # A [batch, hidden] tensor the module needs on every decoder step that only the vision side
+    # produces (the image's mean embedding): exported as a decoder.onnx input of this name, set on
+    # the module as ``feature`` before each step (edgetune.export.graphs.DecoderGraph).
+    decoder_input: str | None = None
 
     def before(self, host: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         return None

@@ -32,6 +32,7 @@ from edgetune.runtime import preprocess
 from edgetune.runtime.bundle import GRAPH_NAMES, REEXPORT, load_manifest
 
 ImageInput = Path | str | Image.Image
+IMAGE_FEATURE = "image_feature"
 
 
 class OnnxVLM:
@@ -48,6 +49,8 @@ class OnnxVLM:
         past_inputs = [value for value in decoder["inputs"] if value["name"].startswith("past_key_values.")]
         self.past_names = [value["name"] for value in past_inputs]
         self.past_dtype = np.dtype(past_inputs[0]["dtype"])
+        # LLaMA-Adapter's visual prompt: the image's mean embedding, fed on every decoder step.
+        self.feeds_image_feature = any(value["name"] == IMAGE_FEATURE for value in decoder["inputs"])
         self.eos_token_ids = set(manifest["tokenizer"]["eos_token_ids"])
         self.kv_prefix: dict[str, np.ndarray] = {}
 
@@ -125,17 +128,25 @@ class OnnxVLM:
         attention_mask = np.asarray(attention_mask, dtype=np.int64)
         past = self.empty_past(len(input_ids)) if past is None else past
         (embeds,) = self.sessions["embed"].run(None, {"input_ids": input_ids})
+        state = {}
         if pixel_values is not None:
             pixels = pixel_values.astype(np.float32)
             (image_embeds,) = self.sessions["vision"].run(None, {"pixel_values": pixels})
             embeds = replace_image_tokens(embeds, input_ids, image_embeds, self.manifest["image"]["token_id"])
+            if self.feeds_image_feature:
+                state[IMAGE_FEATURE] = image_feature(image_embeds, len(input_ids))
+        elif self.feeds_image_feature:
+            if IMAGE_FEATURE not in past:
+                raise UserError("this bundle's decoder needs the image: pass pixel_values on the first step")
+            state[IMAGE_FEATURE] = past[IMAGE_FEATURE]  # carried over from the step that saw the image
         position_ids = positions_from_mask(attention_mask)[:, -input_ids.shape[1] :]
         if self.kv_prefix:
             length = self.manifest["kv_prefix"]["length"]
             attention_mask = np.concatenate([np.ones((len(attention_mask), length), np.int64), attention_mask], axis=1)
-        feed = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids}
-        logits, *present = self.sessions["decoder"].run(None, {**feed, **past})
-        return logits, dict(zip(self.past_names, present))
+        feed = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids, **state}
+        feed.update((name, past[name]) for name in self.past_names)
+        logits, *present = self.sessions["decoder"].run(None, feed)
+        return logits, {**dict(zip(self.past_names, present)), **state}
 
     # ---- decoding ------------------------------------------------------------------------------
 
@@ -191,6 +202,13 @@ class OnnxVLM:
                 return  # no decoder step for a token nobody will read
             mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
             logits, past = self.forward(np.array([[token]]), mask, past)
+
+
+def image_feature(image_embeds: np.ndarray, batch: int) -> np.ndarray:
+    """[batch, hidden]: each image's mean embedding; the decoder input needs one image per row."""
+    if len(image_embeds) != batch:
+        raise UserError(f"this bundle (visual prompt) needs one image per prompt; got {len(image_embeds)} for {batch}")
+    return image_embeds.mean(axis=1, dtype=np.float32)
 
 
 def load_kv_prefix(path: Path, past_names: list[str]) -> dict[str, np.ndarray]:
