@@ -10,7 +10,8 @@ the prefix has no position.
 
 On the device the prefix is a constant: the bundle stores it (kv_prefix.safetensors) and the
 runtime puts it in the KV cache before the first token, with the mask widened the same way and
-positions counted over real tokens only.
+positions counted over real tokens only. Every layer gets a prefix (no ``layers`` option): the
+decoder's one attention mask covers every layer's cache, so all caches must be equally long.
 
 Initialisation: keys are the layer's k_proj of random vocabulary embeddings (in distribution, so
 attention to them is neither negligible nor dominant), values are zero. Step 0 is therefore not
