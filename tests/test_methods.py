@@ -124,3 +124,33 @@ def test_runtime_greedy_tokens_equal_pytorch(trained_and_exported):
             out = merged.model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         expected = out[0, inputs["input_ids"].shape[1]:].tolist()
         assert vlm.generate_ids(sample.images[0], sample.question, max_new_tokens=8) == expected, name
+
+
+TORCH_BLOCKED = """
+import json, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'transformers'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from edgetune.runtime import OnnxVLM
+print(json.dumps(OnnxVLM.load(sys.argv[1]).generate_ids(sys.argv[2], sys.argv[3], max_new_tokens=8)))
+"""
+
+
+def test_bundle_runs_with_torch_blocked(trained_and_exported):
+    """Each method's bundle shape (plain, traced modules, image_feature input, KV prefix) on the
+    device side: same tokens with torch and transformers unimportable."""
+    import json
+    import subprocess
+    import sys
+
+    from edgetune.runtime import OnnxVLM
+
+    name, recipe, _, _, _, root = trained_and_exported
+    sample = load_samples(recipe.data.eval)[0]
+    args = [str(root / "bundle"), str(sample.images[0]), sample.question]
+    result = subprocess.run([sys.executable, "-c", TORCH_BLOCKED, *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    expected = OnnxVLM.load(root / "bundle").generate_ids(sample.images[0], sample.question, max_new_tokens=8)
+    assert json.loads(result.stdout) == expected, name

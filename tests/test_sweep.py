@@ -11,7 +11,7 @@ from edgetune.cli import app
 from edgetune.methods import METHODS
 
 runner = CliRunner()
-STEPS = 300
+STEPS = 800  # the quickstart's budget: at 500 steps prefix tuning reaches only 40% (seed 0)
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +42,13 @@ def test_sweep_writes_table_chart_and_every_run(sweep_out):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_learns_the_task(sweep_out, name):
-    """The frozen random model scores 0% (it never answers with a colour or shape word). Colour
-    questions are about half the held-out set and are learnable from the connector's input alone,
-    so 0.35 means a method learned most colours at least; chance among the answer words would be
-    about 0.27 (1/5 for colours, 1/3 for shapes)."""
+    """The frozen random model scores 0% (it never answers with a colour or shape word). A model
+    that learned only the answer format and guessed among the answer words would score about 0.27
+    (1/5 for colours, 1/3 for shapes, half the questions each); 0.45 needs it to read the image.
+    Measured at this budget (BENCHMARKS.md, 3 seeds, connector tuned): every run >= 0.56, prefix
+    tuning the lowest; this test's seed-0 runs: prefix 0.58, every other method >= 0.70."""
     run = next(r for r in json.loads((sweep_out / "sweep.json").read_text()) if r["method"] == name)
-    assert run["accuracy"] >= 0.35, run
+    assert run["accuracy"] >= 0.45, run
     assert abs(run["onnx_accuracy"] - run["accuracy"]) <= 2 / 60, run  # export changes at most rare ties
 
 

@@ -38,6 +38,15 @@ VISUAL_CHILD = "adaption_prompt_visual"
 UNADAPTED_BOTTOM_LAYERS = 2  # the paper adapts the top 30 of LLaMA-7B's 32 layers
 
 
+def rotary_function(attention: torch.nn.Module) -> Any:
+    """``apply_rotary_pos_emb(q, k, cos, sin)`` from the attention's own modeling file, so the
+    prompts' queries rotate exactly as the layer's do."""
+    rotate = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
+    if rotate is None:
+        raise UserError(f"method 'llama_adapter': {type(attention).__name__} has no apply_rotary_pos_emb; choose another method")
+    return rotate
+
+
 class GlobalImageFeature(MethodModule):
     """On the connector: remembers each image's mean embedding for the adaption prompts of the
     forward pass (and, in generate, of the decode steps that follow without pixels)."""
@@ -69,7 +78,7 @@ class AdaptionPrompt(MethodModule):
         super().__init__()
         self.prompt = torch.nn.Parameter(torch.randn(prompt_len, hidden_size))  # N(0, 1) as in the paper's code
         self.gate = torch.nn.Parameter(torch.zeros(num_heads))
-        self.rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        self.rotate = rotary_function(attention)
         self.__dict__["visual"] = visual  # shared by every layer, owned by the connector: not a child here
 
     def after(self, attn, args, kwargs, output):
@@ -121,7 +130,5 @@ class LlamaAdapterMethod(OwnMethod):
             visual = attach_module(get_module(model, family.connector), VISUAL_CHILD, GlobalImageFeature(text.hidden_size).to(device))
         for i in chosen_layers(model, family, config, default=top):
             attention = get_module(layers[i], family.attention)
-            if not hasattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb"):
-                raise UserError(f"method 'llama_adapter': {type(attention).__name__} has no apply_rotary_pos_emb; choose another method")
             module = AdaptionPrompt(attention, config.prompt_len, text.hidden_size, text.num_attention_heads, visual)
             attach_module(attention, CHILD, module.to(device))

@@ -56,16 +56,16 @@ class KVPrefix(MethodModule):
 
     def before(self, attn, args, kwargs):
         hidden = hidden_states_arg(args, kwargs)
-        batch, seq = hidden.shape[:2]
+        seq = hidden.shape[1]
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length(attn.layer_idx) if cache is not None else 0
         mask = kwargs.get("attention_mask")
         eager = getattr(attn.config, "_attn_implementation", "sdpa") == "eager"
         kwargs = dict(kwargs, past_key_values=PrefixedCache(self, cache),
-                      attention_mask=self.widened_mask(mask, batch, seq, past, hidden, eager))
+                      attention_mask=self.widened_mask(mask, seq, past, hidden, eager))
         return args, kwargs
 
-    def widened_mask(self, mask, batch, seq, past, hidden, eager: bool) -> torch.Tensor:
+    def widened_mask(self, mask, seq: int, past: int, hidden: torch.Tensor, eager: bool) -> torch.Tensor:
         """The layer's 4-D mask with prompt_len visible columns in front. A missing mask (causal,
         no padding) is made explicit first: sdpa's is_causal shortcut would align the causal
         triangle to the prefix instead of to the last key."""
