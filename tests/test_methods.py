@@ -108,6 +108,15 @@ def test_merge_then_export_matches_pytorch(trained_and_exported):
     assert worst < 1e-4, f"{name}: {worst}"
 
 
+def test_bundle_declares_the_runtime_features_it_needs(trained_and_exported):
+    """A format-1 runtime would silently run a prefix bundle without its prefix: such bundles say 2."""
+    name, _, _, _, manifest, root = trained_and_exported
+    needs_new_runtime = name in ("prefix", "llama_adapter-visual")
+    assert manifest["format_version"] == (2 if needs_new_runtime else 1), name
+    assert ("kv_prefix" in manifest) == (name == "prefix")
+    assert (root / "bundle/kv_prefix.safetensors").is_file() == (name == "prefix")
+
+
 def test_runtime_greedy_tokens_equal_pytorch(trained_and_exported):
     from edgetune.data import open_image, prompt_text
     from edgetune.merge import load_merged

@@ -32,14 +32,14 @@ from rich.console import Console
 from safetensors.numpy import save_file as save_numpy
 
 from edgetune.errors import UserError
-from edgetune.export.graphs import describe_graph, export_graph, graph_specs, text_dims
+from edgetune.export.graphs import describe_graph, export_graph, fed_modules, graph_specs, text_dims
 from edgetune.families import family_of_model_dir
 from edgetune.families.base import ModelFamily
 from edgetune.io import atomic_output_dir
 from edgetune.merge import load_merged
 from edgetune.methods.modules import methods_disabled
 from edgetune.runtime import OnnxVLM
-from edgetune.runtime.bundle import FORMAT_VERSION, KV_PREFIX_FILE, MANIFEST_FILE
+from edgetune.runtime.bundle import KV_PREFIX_FILE, MANIFEST_FILE
 from edgetune.runtime.generate import positions_from_mask
 
 # Max |logit diff| against PyTorch that an export at each precision must meet.
@@ -74,7 +74,7 @@ def export_bundle(model_dir: Path, out_dir: Path, precision: str = "fp32", overw
             with console.status(f"exporting {spec.name}.onnx"), methods_disabled(model) if kv_prefix else nullcontext():
                 graphs[spec.name] = describe_graph(export_graph(spec, scratch))
         manifest = {
-            "format_version": FORMAT_VERSION,
+            "format_version": 1,  # raised below if the bundle needs a newer runtime
             "family": family.name,
             "precision": precision,
             "graphs": graphs,
@@ -86,6 +86,8 @@ def export_bundle(model_dir: Path, out_dir: Path, precision: str = "fp32", overw
         }
         if kv_prefix:
             manifest["kv_prefix"] = save_kv_prefix(merged.method.kv_prefix(model, family), scratch)
+        if kv_prefix or fed_modules(model):
+            manifest["format_version"] = 2
         write_manifest(scratch, manifest)  # the runtime loads the bundle through it; parity is added below
         with console.status("checking ONNX against PyTorch"):
             vlm = OnnxVLM.load(scratch)

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from edgetune.errors import UserError
 
-FORMAT_VERSION = 1
+# 1: plain bundles. 2: bundles that need a runtime which knows the KV prefix or the image_feature
+# decoder input (a format-1 runtime would answer without them). Export writes the lowest that fits.
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 KV_PREFIX_FILE = "kv_prefix.safetensors"
 GRAPH_NAMES = ("vision", "embed", "decoder")
@@ -31,9 +33,9 @@ def load_manifest(bundle_dir: Path | str) -> dict:
     except (ValueError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid JSON ({err}); {REEXPORT}") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise UserError(
-            f"{path}: format_version {version!r} is not the one this runtime reads ({FORMAT_VERSION}); "
+            f"{path}: format_version {version!r} is not one this runtime reads ({', '.join(map(str, READABLE_VERSIONS))}); "
             f"{REEXPORT} with this edgetune version"
         )
     for section in REQUIRED_SECTIONS:
