@@ -7,6 +7,25 @@ import pytest
 
 from edgetune.families import FAMILIES
 
+# Python source to put first in a `python -c` script: from then on importing torch or transformers
+# fails, as on a device that only has the runtime installed.
+TORCH_BLOCKER = """
+import importlib.abc, sys
+
+class BlockTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ImportError(f"{name} is blocked: the runtime must not import it")
+        return None
+
+sys.meta_path.insert(0, BlockTorch())
+try:
+    import torch
+    raise SystemExit("the blocker did not block torch")
+except ImportError:
+    pass
+"""
+
 
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory):

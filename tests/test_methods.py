@@ -15,7 +15,7 @@ from edgetune.load import load_backbone
 from edgetune.methods import METHODS, get_method
 from edgetune.recipe import load_recipe
 from edgetune.train import EncodedDataset, train
-from tests.conftest import make_recipe
+from tests.conftest import TORCH_BLOCKER, make_recipe
 
 VARIANTS = {name: {"name": name} for name in sorted(METHODS)}
 VARIANTS["llama_adapter-visual"] = {"name": "llama_adapter", "visual_prompt": True}
@@ -135,13 +135,8 @@ def test_runtime_greedy_tokens_equal_pytorch(trained_and_exported):
         assert vlm.generate_ids(sample.images[0], sample.question, max_new_tokens=8) == expected, name
 
 
-TORCH_BLOCKED = """
-import json, sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'transformers'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+TORCH_BLOCKED = TORCH_BLOCKER + """
+import json
 from edgetune.runtime import OnnxVLM
 print(json.dumps(OnnxVLM.load(sys.argv[1]).generate_ids(sys.argv[2], sys.argv[3], max_new_tokens=8)))
 """

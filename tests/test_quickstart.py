@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from edgetune.cli import app
 from edgetune.recipe import load_recipe
+from tests.conftest import TORCH_BLOCKER
 
 runner = CliRunner()
 
@@ -56,16 +57,7 @@ def test_quickstart_refuses_a_non_empty_out(tmp_path):
 def test_eval_and_infer_on_the_bundle_without_torch(quickstart_out, tmp_path):
     """The device-side verbs, in a process where importing torch or transformers fails."""
     image = quickstart_out / "data/images/eval-0000.png"
-    script = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'transformers'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
-from edgetune.cli import app
-app()
-"""
+    script = TORCH_BLOCKER + "from edgetune.cli import app\napp()\n"
     bundle = quickstart_out / "bundle"
     infer = subprocess.run([sys.executable, "-c", script, "infer", str(bundle), "--image", str(image), "--prompt",
                             "What color is the shape?"], capture_output=True, text=True)

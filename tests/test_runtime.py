@@ -21,6 +21,7 @@ from edgetune.export.bundle import parity_image, render_prompt
 from edgetune.families import FAMILIES
 from edgetune.runtime import OnnxVLM, load_manifest
 from edgetune.runtime.generate import stream_text
+from tests.conftest import TORCH_BLOCKER
 
 MAX_NEW = 12
 PROMPTS = ["What color is the shape?", "Describe the picture. What shape is this?"]
@@ -153,21 +154,8 @@ def test_unreadable_image_is_named(vlm, tmp_path):
         vlm.generate(tmp_path / "missing.png", "What color?", max_new_tokens=2)
 
 
-BLOCK_TORCH = """
-import importlib.abc, json, sys
-
-class BlockTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "transformers"):
-            raise ImportError(f"{name} is blocked: the runtime must not import it")
-        return None
-
-sys.meta_path.insert(0, BlockTorch())
-try:
-    import torch
-    raise SystemExit("the blocker did not block torch")
-except ImportError:
-    pass
+BLOCK_TORCH = TORCH_BLOCKER + """
+import json
 
 from edgetune.runtime import OnnxVLM
 
