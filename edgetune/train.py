@@ -127,8 +127,9 @@ def held_out_loss(model: Any, dataset: EncodedDataset, pad_id: int, batch_size: 
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
-    enabled = device.type == "cuda" and dtype != torch.float32
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+    """Mixed precision for a bf16/fp16 backbone: the trainable parameters stay fp32 (master weights),
+    so their matmuls with low-precision activations need autocast, on CPU (bf16) as on CUDA."""
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def train(recipe: Recipe, run_dir: Path, overwrite: bool = False) -> TrainResult:

@@ -101,3 +101,16 @@ def test_a_failed_run_leaves_no_directory(write_recipe, tmp_path):
         train(recipe, tmp_path / "run")
     assert not (tmp_path / "run").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.partial")]
+
+
+
+@pytest.mark.parametrize("method", [{"name": m} for m in ("lora", "adapter", "ia3", "prefix", "adalink")]
+                         + [{"name": "llama_adapter", "visual_prompt": True}], ids=lambda m: m["name"])
+def test_a_bf16_backbone_trains_every_method(method, write_recipe, tmp_path):
+    """A bf16 backbone with fp32 trainable weights (what CUDA users get) needs autocast: without it
+    the first fp32 layer fed bf16 activations fails. CPU runs the same autocast path."""
+    recipe = load_recipe(write_recipe(method=method, train={"max_steps": 4, "precision": "bf16", "eval_every": 2}))
+    result = train(recipe, tmp_path / "run")
+    losses = torch.tensor([result.first_loss, result.final_loss, result.eval_loss])
+    assert torch.isfinite(losses).all(), losses
+    assert json.loads((tmp_path / "run/run.json").read_text())["method"] == method["name"]
