@@ -26,7 +26,7 @@ from edgetune.data import collate, encode_sample, load_samples
 from edgetune.errors import UserError
 from edgetune.io import atomic_output_dir
 from edgetune.load import Backbone, load_backbone
-from edgetune.methods import get_method
+from edgetune.methods import PeftMethod, get_method
 from edgetune.progress import console
 from edgetune.recipe import Recipe, load_recipe
 
@@ -68,12 +68,19 @@ def load_adapted(run_dir: Path, dequantize: bool) -> tuple[Backbone, Any, Recipe
 
     dequantize: replace the 4-bit layers by fp32 copies of exactly the values training saw.
     """
-    recipe = load_run(run_dir)
-    method = get_method(recipe.method, str(Path(run_dir) / "recipe.yaml"))
+    recipe, method = load_run_method(run_dir)
     backbone = load_base(recipe, dequantize)
-    adapted = method.load(backbone.model, backbone.family, recipe.method, Path(run_dir) / "adapter")
-    adapted.eval()
-    return backbone, adapted, recipe
+    return backbone, attach_trained(method, backbone, recipe, run_dir), recipe
+
+
+def load_run_method(run_dir: Path) -> tuple[Recipe, PeftMethod]:
+    recipe = load_run(run_dir)
+    return recipe, get_method(recipe.method, str(Path(run_dir) / "recipe.yaml"))
+
+
+def attach_trained(method: PeftMethod, backbone: Backbone, recipe: Recipe, run_dir: Path) -> Any:
+    """The run's trained artifact on ``backbone``, in eval mode."""
+    return method.load(backbone.model, backbone.family, recipe.method, Path(run_dir) / "adapter").eval()
 
 
 def load_base(recipe: Recipe, dequantize: bool) -> Backbone:
@@ -94,18 +101,20 @@ def probe_batch(recipe: Recipe, processor: Any) -> dict[str, Any]:
 
 
 def dequantize_then_merge(run_dir: Path, out_dir: Path, overwrite: bool = False) -> MergeReport:
-    backbone, adapted, recipe = load_adapted(run_dir, dequantize=True)
-    method = get_method(recipe.method)
+    recipe, method = load_run_method(run_dir)
+    backbone = load_base(recipe, dequantize=True)
     batch = probe_batch(recipe, backbone.processor)
     with atomic_output_dir(out_dir, overwrite) as scratch, torch.no_grad():
         with console.status(f"merging {method.name} into the dequantized base"):
+            if method.export_as != "merged":
+                # The frozen base is saved before the method's modules join it (they attach in
+                # place), the trained artifact beside it.
+                backbone.model.save_pretrained(scratch, safe_serialization=True)
+                shutil.copytree(Path(run_dir) / "adapter", scratch / METHOD_DIR)
+            adapted = attach_trained(method, backbone, recipe, run_dir)
             expected = adapted(**batch).logits
             if method.export_as == "merged":
                 method.merge(adapted, backbone.family).save_pretrained(scratch, safe_serialization=True)
-            else:
-                # The base is saved without the method's modules, the trained artifact beside it.
-                load_base(recipe, dequantize=True).model.save_pretrained(scratch, safe_serialization=True)
-                shutil.copytree(Path(run_dir) / "adapter", scratch / METHOD_DIR)
             backbone.processor.save_pretrained(scratch)
             provenance = {"run_dir": str(Path(run_dir).resolve()), "recipe": recipe.to_yaml_dict(),
                           "method": {"name": method.name, "export_as": method.export_as}}

@@ -14,9 +14,9 @@ image and the decoder once per generated token:
 The decoder never sees pixels: the runtime writes image_embeds into the rows of inputs_embeds that
 hold image tokens, as the families' own forward does. A method module that needs a per-image
 tensor on every step (LLaMA-Adapter's visual prompt) adds one decoder input after position_ids,
-``image_feature`` [batch, hidden]: the mean of the image's image_embeds, which the runtime computes. Every module is built from the family
-interface (image_features, the language model and lm_head paths, get_input_embeddings), so a new
-family exports through the same code.
+``image_feature`` [batch, hidden]: the mean of the image's image_embeds, which the runtime
+computes. Every module is built from the family interface (image_features, the language model and
+lm_head paths, get_input_embeddings), so a new family exports through the same code.
 
 Exporter notes (torch 2.13, transformers 4.57): only the dynamo exporter handles transformers'
 mask and cache code; the decoder is traced with past > 0 (past = 0 would specialise the dim to a

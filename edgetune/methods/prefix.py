@@ -91,13 +91,12 @@ class PrefixTuningMethod(OwnMethod):
     def add_modules(self, model: Any, family: ModelFamily, config: MethodSection) -> None:
         embed = model.get_input_embeddings()
         with torch.no_grad():
-            tokens = embed(torch.randint(0, embed.num_embeddings, (config.prompt_len,), device=embed.weight.device))
-            tokens = tokens.float() / tokens.float().pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()  # as after RMSNorm
+            tokens = embed(torch.randint(0, embed.num_embeddings, (config.prompt_len,), device=embed.weight.device)).float()
+            tokens = tokens / tokens.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()  # as after RMSNorm
+            inputs = tokens.to(embed.weight.dtype)  # the compute dtype
             for layer in decoder_layers(model, family):
                 attention = get_module(layer, family.attention)
-                head_dim = attention.head_dim
-                inputs = tokens.to(embed.weight.dtype)  # the compute dtype
-                key = attention.k_proj(inputs).float().view(config.prompt_len, -1, head_dim).transpose(0, 1)
+                key = attention.k_proj(inputs).float().view(config.prompt_len, -1, attention.head_dim).transpose(0, 1)
                 value = torch.zeros_like(key)  # step 0 adds nothing, it only shares attention mass
                 attach_module(attention, CHILD, KVPrefix(key.contiguous(), value))
 

@@ -38,7 +38,8 @@ IMAGE_FEATURE = "image_feature"
 class OnnxVLM:
     """A loaded bundle: three onnxruntime sessions, the tokenizer and the manifest. Use ``load``."""
 
-    def __init__(self, manifest: dict, sessions: dict[str, ort.InferenceSession], tokenizer: Tokenizer):
+    def __init__(self, manifest: dict, sessions: dict[str, ort.InferenceSession], tokenizer: Tokenizer,
+                 kv_prefix: dict[str, np.ndarray] | None = None):
         if manifest["image"]["merge"] != "replace_image_tokens":
             merge = manifest["image"]["merge"]
             raise UserError(f"manifest.json: image merge '{merge}' is unknown to this runtime; update edgetune")
@@ -52,7 +53,10 @@ class OnnxVLM:
         # LLaMA-Adapter's visual prompt: the image's mean embedding, fed on every decoder step.
         self.feeds_image_feature = any(value["name"] == IMAGE_FEATURE for value in decoder["inputs"])
         self.eos_token_ids = set(manifest["tokenizer"]["eos_token_ids"])
-        self.kv_prefix: dict[str, np.ndarray] = {}
+        self.kv_prefix = kv_prefix or {}  # past input name -> [kv_heads, length, head_dim]
+        missing = [name for name in self.past_names if self.kv_prefix and name not in self.kv_prefix]
+        if missing:
+            raise UserError(f"{manifest['kv_prefix']['file']} has no tensor {missing[0]}; {REEXPORT}")
 
     @classmethod
     def load(cls, bundle_dir: Path | str, threads: int | None = None) -> OnnxVLM:
@@ -75,10 +79,8 @@ class OnnxVLM:
             tokenizer = Tokenizer.from_file(str(tokenizer_path))
         except Exception as err:
             raise UserError(f"{tokenizer_path} is not a tokenizers file ({err}); {REEXPORT}") from None
-        vlm = cls(manifest, sessions, tokenizer)
-        if manifest.get("kv_prefix"):
-            vlm.kv_prefix = load_kv_prefix(bundle_dir / manifest["kv_prefix"]["file"], vlm.past_names)
-        return vlm
+        kv_prefix = load_kv_prefix(bundle_dir / manifest["kv_prefix"]["file"]) if manifest.get("kv_prefix") else None
+        return cls(manifest, sessions, tokenizer, kv_prefix)
 
     # ---- prompt and image -> model inputs -------------------------------------------------------
 
@@ -141,7 +143,7 @@ class OnnxVLM:
             state[IMAGE_FEATURE] = past[IMAGE_FEATURE]  # carried over from the step that saw the image
         position_ids = positions_from_mask(attention_mask)[:, -input_ids.shape[1] :]
         if self.kv_prefix:
-            length = self.manifest["kv_prefix"]["length"]
+            length = next(iter(self.kv_prefix.values())).shape[1]
             attention_mask = np.concatenate([np.ones((len(attention_mask), length), np.int64), attention_mask], axis=1)
         feed = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids, **state}
         feed.update((name, past[name]) for name in self.past_names)
@@ -211,18 +213,14 @@ def image_feature(image_embeds: np.ndarray, batch: int) -> np.ndarray:
     return image_embeds.mean(axis=1, dtype=np.float32)
 
 
-def load_kv_prefix(path: Path, past_names: list[str]) -> dict[str, np.ndarray]:
-    """kv_prefix.safetensors -> {past input name: [kv_heads, length, head_dim]}, one per past input."""
+def load_kv_prefix(path: Path) -> dict[str, np.ndarray]:
+    """kv_prefix.safetensors -> {past input name: [kv_heads, length, head_dim]}."""
     from safetensors.numpy import load_file
 
     try:
-        prefix = load_file(str(path))
+        return load_file(str(path))
     except Exception as err:  # safetensors raises its own error type for a corrupt header
         raise UserError(f"{path} is not a safetensors file ({err}); {REEXPORT}") from None
-    missing = [name for name in past_names if name not in prefix]
-    if missing:
-        raise UserError(f"{path} has no tensor {missing[0]}; {REEXPORT}")
-    return prefix
 
 
 def stream_text(tokenizer: Tokenizer, token_ids: Iterable[int]) -> Iterator[str]:
