@@ -158,8 +158,10 @@ def encode_sample(processor: Any, sample: Sample, max_length: int) -> dict[str, 
 
 
 def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """Right-pad to the longest sample; image tensors are concatenated along dim 0
-    (one row per image for fixed-size families, one per patch for dynamic-resolution ones)."""
+    """Right-pad to the longest sample. Other tensors the same length as input_ids (PaliGemma's
+    token_type_ids) are right-padded with 0; image tensors are concatenated along dim 0 (one row
+    per image, or per patch for dynamic-resolution families), zero-padded first where their other
+    dims differ between samples (tile or crop counts), which the models read as padding images."""
     import torch
 
     length = max(len(b["input_ids"]) for b in batch)
@@ -171,8 +173,25 @@ def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = b["input_ids"], b["labels"], 1
     out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     for key in batch[0]:
-        if key not in out:
-            out[key] = torch.cat([b[key] for b in batch])
+        if key in out:
+            continue
+        tensors = [b[key] for b in batch]
+        if all(t.dim() == 1 and len(t) == len(b["input_ids"]) for t, b in zip(tensors, batch)):
+            out[key] = torch.stack([pad_to(t, (length,)) for t in tensors])
+        else:
+            shape = [max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors))]
+            out[key] = torch.cat([pad_to(t, (len(t), *shape)) for t in tensors])
+    return out
+
+
+def pad_to(tensor: Any, shape: tuple[int, ...]) -> Any:
+    """``tensor`` zero-padded at the end of each dim to ``shape``."""
+    import torch
+
+    if tuple(tensor.shape) == tuple(shape):
+        return tensor
+    out = torch.zeros(shape, dtype=tensor.dtype)
+    out[tuple(slice(0, n) for n in tensor.shape)] = tensor
     return out
 
 

@@ -57,18 +57,18 @@ def answer_with_bundle(bundle_dir: Path, samples: list[Sample], max_new_tokens: 
     return [vlm.generate(s.images[0], s.question, max_new_tokens=max_new_tokens) for s in samples]
 
 
-def answer_with_torch(model: Any, processor: Any, samples: list[Sample], max_new_tokens: int) -> list[str]:
+def answer_with_torch(model: Any, processor: Any, family: Any, samples: list[Sample], max_new_tokens: int) -> list[str]:
     """Greedy answers from a transformers model (already on its device, in eval mode)."""
     import torch
 
-    from edgetune.data import open_image, prompt_text
+    from edgetune.data import open_image
 
     device = next(model.parameters()).device
     tokenizer = processor.tokenizer
     answers = []
     with torch.no_grad():
         for sample in samples:
-            inputs = processor(text=[prompt_text(processor, sample)], images=[open_image(p) for p in sample.images], return_tensors="pt")
+            inputs = family.prompt_inputs(processor, [sample.question], [[open_image(p) for p in sample.images]])
             inputs = {k: v.to(device) for k, v in inputs.items()}
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
             answers.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
@@ -92,6 +92,6 @@ def _answer_with_torch_dir(path: Path, kind: str, samples: list[Sample], max_new
         from edgetune.merge import load_adapted
 
         backbone, model, _ = load_adapted(path, dequantize=False)
-        return answer_with_torch(model, backbone.processor, samples, max_new_tokens)
+        return answer_with_torch(model, backbone.processor, backbone.family, samples, max_new_tokens)
     merged = load_merged(path)
-    return answer_with_torch(merged.model, merged.processor, samples, max_new_tokens)
+    return answer_with_torch(merged.model, merged.processor, merged.family, samples, max_new_tokens)

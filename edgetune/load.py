@@ -58,7 +58,12 @@ def detect_family(model: ModelSection) -> tuple[ModelFamily, Any]:
             f"model.path: {model.path} is a '{config.model_type}' model, which edgetune does not support; "
             f"supported families: {', '.join(sorted(FAMILIES))}"
         )
-    return FAMILIES[config.model_type], config
+    family = FAMILIES[config.model_type]
+    for knob in model.processor:
+        if knob not in family.processor_knobs:
+            offered = ", ".join(f"{k} ({what})" for k, what in family.processor_knobs.items()) or "none"
+            raise UserError(f"model.processor.{knob}: the '{family.name}' family has no such setting; its settings: {offered}")
+    return family, config
 
 
 def quantization_config(quant: QuantizationSection, family: ModelFamily, compute_dtype: torch.dtype) -> Any:
@@ -106,7 +111,9 @@ def load_backbone(
     keep_4bit_layout_trainable(hf_model)
     hf_model.requires_grad_(False)
     hf_model.eval()
-    return Backbone(hf_model, load_processor(model.path, model.trust_remote_code), family)
+    processor = load_processor(model.path, model.trust_remote_code)
+    family.configure_processor(processor, model.processor)
+    return Backbone(hf_model, processor, family)
 
 
 def keep_4bit_layout_trainable(model: torch.nn.Module) -> None:

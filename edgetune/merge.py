@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from edgetune.data import collate, encode_sample, load_samples
+from edgetune.data import collate, load_samples
 from edgetune.errors import UserError
 from edgetune.io import atomic_output_dir
 from edgetune.load import Backbone, load_backbone
@@ -91,11 +91,11 @@ def load_base(recipe: Recipe, dequantize: bool) -> Backbone:
     return backbone
 
 
-def probe_batch(recipe: Recipe, processor: Any) -> dict[str, Any]:
+def probe_batch(recipe: Recipe, backbone: Backbone) -> dict[str, Any]:
     """A couple of real samples from the run's data, to compare logits on."""
     samples = load_samples(recipe.data.eval or recipe.data.train)[:2]
-    items = [encode_sample(processor, s, recipe.data.max_length) for s in samples]
-    batch = collate(items, processor.tokenizer.pad_token_id)
+    items = [backbone.family.encode_sample(backbone.processor, s, recipe.data.max_length) for s in samples]
+    batch = collate(items, backbone.processor.tokenizer.pad_token_id)
     batch.pop("labels")
     return batch
 
@@ -103,7 +103,7 @@ def probe_batch(recipe: Recipe, processor: Any) -> dict[str, Any]:
 def dequantize_then_merge(run_dir: Path, out_dir: Path, overwrite: bool = False) -> MergeReport:
     recipe, method = load_run_method(run_dir)
     backbone = load_base(recipe, dequantize=True)
-    batch = probe_batch(recipe, backbone.processor)
+    batch = probe_batch(recipe, backbone)
     with atomic_output_dir(out_dir, overwrite) as scratch, torch.no_grad():
         with console.status(f"merging {method.name} into the dequantized base"):
             if method.export_as != "merged":

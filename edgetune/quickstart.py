@@ -90,7 +90,7 @@ def run_quickstart(out: Path, family: str = "llava", steps: int = 800) -> dict[s
             held_out = load_samples(recipe.data.eval)
         with clock.stage("accuracy before training"):
             frozen = load_backbone(recipe.model, recipe.quantization, torch.device("cpu"), torch.float32)
-            before = score(held_out, answer_with_torch(frozen.model, frozen.processor, held_out, 8), "frozen nf4", 0.0)
+            before = score(held_out, answer_with_torch(frozen.model, frozen.processor, frozen.family, held_out, 8), "frozen nf4", 0.0)
             del frozen
         with clock.stage("train"):
             result = train(recipe, out / "run")

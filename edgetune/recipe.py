@@ -24,6 +24,9 @@ class Section(BaseModel):
 class ModelSection(Section):
     path: str  # hub id or local directory
     trust_remote_code: bool = False
+    # Image-processor settings the family offers (its processor_knobs), e.g. Qwen2-VL's max_pixels;
+    # checked against the family once the model's config is read.
+    processor: dict[str, Any] = {}
 
 
 class QuantizationSection(Section):

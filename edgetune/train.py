@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from edgetune.data import Sample, collate, encode_sample, load_samples
+from edgetune.data import Sample, collate, load_samples
 from edgetune.io import atomic_output_dir
 from edgetune.load import count_parameters, detect_family, load_backbone, resolve_compute_dtype, resolve_device
 from edgetune.methods import get_method
@@ -53,14 +53,14 @@ def seed_everything(seed: int) -> None:
 class EncodedDataset(torch.utils.data.Dataset):
     """Encodes lazily so that large image sets are never held in memory at once."""
 
-    def __init__(self, samples: list[Sample], processor: Any, max_length: int):
-        self.samples, self.processor, self.max_length = samples, processor, max_length
+    def __init__(self, samples: list[Sample], processor: Any, family: Any, max_length: int):
+        self.samples, self.processor, self.family, self.max_length = samples, processor, family, max_length
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return encode_sample(self.processor, self.samples[i], self.max_length)
+        return self.family.encode_sample(self.processor, self.samples[i], self.max_length)
 
 
 def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
@@ -157,7 +157,7 @@ def train(recipe: Recipe, run_dir: Path, overwrite: bool = False) -> TrainResult
             f"({100 * trainable / total:.3f}%) | {device.type} {str(dtype).removeprefix('torch.')}"
         )
         with PeakMemory(device.type) as memory:
-            result = _loop(recipe, model, backbone.processor, train_samples, eval_samples, scratch, device, dtype, memory)
+            result = _loop(recipe, model, backbone, train_samples, eval_samples, scratch, device, dtype, memory)
         method.save(model, scratch / "adapter")
         save_recipe(recipe, scratch / "recipe.yaml")
         summary = TrainResult(str(run_dir), backbone.family.name, method.name, trainable, total, **result)
@@ -166,11 +166,11 @@ def train(recipe: Recipe, run_dir: Path, overwrite: bool = False) -> TrainResult
     return summary
 
 
-def _loop(recipe, model, processor, train_samples, eval_samples, run_dir: Path, device, dtype, memory: PeakMemory) -> dict[str, Any]:
+def _loop(recipe, model, backbone, train_samples, eval_samples, run_dir: Path, device, dtype, memory: PeakMemory) -> dict[str, Any]:
     cfg = recipe.train
-    pad_id = processor.tokenizer.pad_token_id
-    train_set = EncodedDataset(train_samples, processor, recipe.data.max_length)
-    eval_set = EncodedDataset(eval_samples, processor, recipe.data.max_length)
+    pad_id = backbone.processor.tokenizer.pad_token_id
+    train_set = EncodedDataset(train_samples, backbone.processor, backbone.family, recipe.data.max_length)
+    eval_set = EncodedDataset(eval_samples, backbone.processor, backbone.family, recipe.data.max_length)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(recipe, params, device)
     schedule = make_schedule(recipe, optimizer)

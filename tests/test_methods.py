@@ -28,10 +28,10 @@ def recipe_for(name, tmp_path, tiny_llava_dir, task_dir, **train):
                                    train={"max_steps": 30, "lr": 3e-3, "batch_size": 8, **train}))
 
 
-def probe(recipe, processor, count=4):
+def probe(recipe, backbone, count=4):
     samples = load_samples(recipe.data.eval)[:count]
-    dataset = EncodedDataset(samples, processor, recipe.data.max_length)
-    batch = collate([dataset[i] for i in range(len(samples))], processor.tokenizer.pad_token_id)
+    dataset = EncodedDataset(samples, backbone.processor, backbone.family, recipe.data.max_length)
+    batch = collate([dataset[i] for i in range(len(samples))], backbone.processor.tokenizer.pad_token_id)
     batch.pop("labels")
     return batch
 
@@ -48,7 +48,7 @@ def test_step_zero_equals_the_frozen_model(name, tmp_path, tiny_llava_dir, task_
     if not get_method(recipe.method).identity_at_init:
         pytest.skip(f"{name} is not zero-initialised (by design)")
     frozen = load_backbone(recipe.model, recipe.quantization, CPU, torch.float32)
-    batch = probe(recipe, frozen.processor)
+    batch = probe(recipe, frozen)
     with torch.no_grad():
         expected = frozen.model(**batch).logits
     _, _, model = attached(recipe)
@@ -70,7 +70,7 @@ def test_save_then_load_reproduces_outputs(name, tmp_path, tiny_llava_dir, task_
             if param.requires_grad:
                 param.add_(torch.randn_like(param) * 0.05)
     model.eval()
-    batch = probe(recipe, backbone.processor)
+    batch = probe(recipe, backbone)
     with torch.no_grad():
         expected = model(**batch).logits
     method.save(model, tmp_path / "artifact")

@@ -66,7 +66,7 @@ def test_greedy_ids_equal_transformers_generate(vlm, hf, case, tmp_path):
     image.save(path)
     model, processor = hf
     inputs = processor(images=image, text=render_prompt(processor, prompt), return_tensors="pt")
-    assert vlm.prompt_ids(prompt) == inputs["input_ids"][0].tolist()
+    assert vlm.prompt_ids(prompt, vlm.encode_image(image)) == inputs["input_ids"][0].tolist()
 
     expected = hf_greedy_ids(hf, image, prompt, vlm.manifest["tokenizer"]["eos_token_ids"])
     assert len(expected) == MAX_NEW  # random weights: no eos, so all 12 steps are compared
@@ -98,7 +98,7 @@ def test_preprocessing_equals_hf_processor(vlm, hf):
     ]
     for image in images:
         expected = processor.image_processor(image, return_tensors="np")["pixel_values"]
-        got = vlm.pixel_values(image)
+        got = vlm.encode_image(image).feeds["pixel_values"]
         assert got.shape == expected.shape == (1, 3, 32, 32)
         assert np.abs(got - expected).max() <= 1e-5
 

@@ -77,7 +77,7 @@ def test_gradients_are_the_same_after_a_no_grad_evaluation(write_recipe):
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)  # non-zero B so that gradients reach lora_A
     samples = load_samples(recipe.data.train)[:4]
-    dataset = EncodedDataset(samples, backbone.processor, 128)
+    dataset = EncodedDataset(samples, backbone.processor, backbone.family, 128)
     pad = backbone.processor.tokenizer.pad_token_id
     batch = to_device(collate([dataset[i] for i in range(4)], pad), torch.device("cpu"), torch.float32)
     first_layer_a = next(p for n, p in model.named_parameters() if "layers.0.self_attn.q_proj.lora_A" in n)

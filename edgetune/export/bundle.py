@@ -12,8 +12,9 @@ stage succeeds (edgetune.io.atomic_output_dir), so a failed export leaves nothin
    a real image and prompt (batch 1 and 2; prefill with past 0, then one decode step with past > 0)
    and compare with the PyTorch model's full forward. Beyond tolerance raises ParityError.
 
-Everything a family does differently at the prompt/image boundary lives in FAMILY_CONVENTIONS
-(LLaVA: CLIP preprocessing, one "<image>" placeholder expanded to N image tokens).
+Everything a family does differently at the prompt/image boundary comes from its hooks
+(edgetune.families.base): the manifest's image and prompt sections, the vision graph, the
+decoder's extra inputs; the runtime side of the same boundary is the codec the image section names.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from edgetune.merge import load_merged
 from edgetune.methods.modules import methods_disabled
 from edgetune.runtime import OnnxVLM
 from edgetune.runtime.bundle import KV_PREFIX_FILE, MANIFEST_FILE
-from edgetune.runtime.generate import positions_from_mask
 
 # Max |logit diff| against PyTorch that an export at each precision must meet.
 TOLERANCES = {"fp32": 1e-3}
@@ -59,17 +59,16 @@ def export_bundle(model_dir: Path, out_dir: Path, precision: str = "fp32", overw
         raise UserError(f"precision '{precision}' is not available yet; available: {', '.join(TOLERANCES)}")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     family = family_of_model_dir(model_dir, where="export")
-    conventions = family_conventions(family)
     console = Console(file=sys.stderr)  # bound now: the exporter's output is redirected while it runs
     started = time.perf_counter()
     with atomic_output_dir(out_dir, overwrite) as scratch:
         with console.status(f"loading {model_dir}"):
             merged = load_merged(model_dir)  # a "graph" method's modules are attached and get traced
             model, processor = merged.model, merged.processor
-        image, prompt = conventions(family, model, processor, model_dir)
+        image, prompt = family.bundle_sections(model, processor, model_dir)
         kv_prefix = merged.method is not None and merged.method.export_as == "kv_prefix"
         graphs = {}
-        for spec in graph_specs(family, model, tuple(image["size"])):
+        for spec in graph_specs(family, model, processor):
             # A KV prefix is not traced: the runtime feeds it as the first cached tokens.
             with console.status(f"exporting {spec.name}.onnx"), methods_disabled(model) if kv_prefix else nullcontext():
                 graphs[spec.name] = describe_graph(export_graph(spec, scratch))
@@ -88,6 +87,8 @@ def export_bundle(model_dir: Path, out_dir: Path, precision: str = "fp32", overw
             manifest["kv_prefix"] = save_kv_prefix(merged.method.kv_prefix(model, family), scratch)
         if kv_prefix or fed_modules(model):
             manifest["format_version"] = 2
+        if image["codec"] != "clip" or family.rope != "1d" or family.decoder_extras:
+            manifest["format_version"] = 3
         write_manifest(scratch, manifest)  # the runtime loads the bundle through it; parity is added below
         with console.status("checking ONNX against PyTorch"):
             vlm = OnnxVLM.load(scratch)
@@ -134,30 +135,33 @@ def compare_with_pytorch(
     images: list[Image.Image],
     prompts: list[str],
 ) -> dict[str, float]:
-    """Max |ONNX - PyTorch| for one left-padded batch: "vision" and "embed" on their outputs,
-    "prefill" on the logits of every real prompt token (past 0), "decode" on the logits of one
-    greedy token fed on top of the prefill's cache (past = padded prompt length)."""
-    texts = [render_prompt(processor, prompt) for prompt in prompts]
-    inputs = processor(images=images, text=texts, padding=True, padding_side="left", return_tensors="pt")
-    ids, mask, pixels = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
-    (onnx_images,) = vlm.sessions["vision"].run(None, {"pixel_values": pixels.numpy()})
-    (onnx_embeds,) = vlm.sessions["embed"].run(None, {"input_ids": ids.numpy()})
-    logits, past = vlm.forward(ids.numpy(), mask.numpy(), pixel_values=pixels.numpy())
-    next_ids = logits[:, -1].argmax(-1)[:, None]
-    longer_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    step_logits, _ = vlm.forward(next_ids, longer_mask.numpy(), past)
-    with torch.no_grad():
-        torch_images = family.image_features(model, pixels)
-        torch_embeds = model.get_input_embeddings()(ids)
-        full = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=positions(mask))
-        longer = torch.cat([ids, torch.from_numpy(next_ids)], dim=1)
-        step = model(
-            input_ids=longer,
-            pixel_values=pixels,
-            attention_mask=longer_mask,
-            position_ids=positions(longer_mask),
+    """Max |ONNX - PyTorch| for one left-padded batch (one image per prompt): "vision" on the image
+    embeddings (preprocessing included), "embed" on the token embeddings, "prefill" on the logits
+    of every real prompt token (past 0), "decode" on the logits of one greedy token fed on top of
+    the prefill's cache (past = padded prompt length). The prompt tokens the runtime builds must
+    equal the HF processor's exactly."""
+    inputs = family.prompt_inputs(processor, prompts, [[image] for image in images])
+    encoded = [vlm.encode_image(image) for image in images]
+    ids, mask = left_pad([vlm.prompt_ids(p, e) for p, e in zip(prompts, encoded)], vlm.manifest["tokenizer"]["pad_token_id"])
+    expected_ids = inputs["input_ids"].numpy()
+    if ids.shape != expected_ids.shape or (ids != expected_ids).any():
+        raise ParityError(
+            f"the runtime's prompt tokens differ from the HF processor's (batch {len(prompts)}): "
+            f"{ids.tolist()} vs {expected_ids.tolist()}"
         )
-    real = mask.bool().numpy()  # padding rows attend to nothing; their logits are meaningless
+    (onnx_embeds,) = vlm.sessions["embed"].run(None, {"input_ids": ids})
+    onnx_images = np.concatenate(vlm.image_embeds(encoded))
+    logits, past = vlm.forward(ids, mask, images=encoded)
+    next_ids = logits[:, -1].argmax(-1)[:, None]
+    longer_mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
+    step_logits, _ = vlm.forward(next_ids, longer_mask, past)
+    longer = family.extend_inputs(inputs, torch.from_numpy(next_ids))
+    with torch.no_grad():
+        torch_images = family.image_embeds(model, inputs)
+        torch_embeds = model.get_input_embeddings()(inputs["input_ids"])
+        full = model(**inputs, **maybe_positions(family, model, inputs))
+        step = model(**longer, **maybe_positions(family, model, longer))
+    real = mask.astype(bool)  # padding rows attend to nothing; their logits are meaningless
     return {
         "vision": max_abs_diff(onnx_images, torch_images),
         "embed": max_abs_diff(onnx_embeds, torch_embeds),
@@ -166,8 +170,19 @@ def compare_with_pytorch(
     }
 
 
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(positions_from_mask(mask.numpy()))
+def maybe_positions(family: ModelFamily, model: Any, inputs: Any) -> dict[str, Any]:
+    positions = family.position_ids(model, inputs)
+    return {} if positions is None else {"position_ids": positions}
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """int64 ids and mask [batch, longest], padded on the left as generation batches are."""
+    longest = max(len(row) for row in rows)
+    ids = np.full((len(rows), longest), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), longest), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, longest - len(row) :], mask[i, longest - len(row) :] = row, 1
+    return ids, mask
 
 
 def max_abs_diff(a: Any, b: Any) -> float:
@@ -192,55 +207,7 @@ def render_prompt(processor: Any, prompt: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
-# ---- the prompt/image boundary, per family -----------------------------------------------------
-
-
-def llava_conventions(
-    family: ModelFamily, model: Any, processor: Any, model_dir: Path
-) -> tuple[dict, dict]:
-    """The manifest's "image" and "prompt" sections for LLaVA-style models.
-
-    LLaVA: a CLIP-style processor (shortest-edge resize, center crop, fixed size), one "<image>"
-    placeholder in the prompt expanded to one image token per image embedding, and the image
-    embeddings replace those tokens' rows in inputs_embeds.
-    """
-    ip = processor.image_processor
-    if "shortest_edge" not in ip.size or not ip.do_center_crop:
-        raise UserError(
-            f"{model_dir}/preprocessor_config.json: export supports CLIP-style preprocessing "
-            f"(size.shortest_edge and do_center_crop); "
-            f"got size={ip.size}, do_center_crop={ip.do_center_crop}"
-        )
-    size = [ip.crop_size["height"], ip.crop_size["width"]]
-    with torch.no_grad():
-        tokens_per_image = family.image_features(model, torch.zeros(1, 3, *size)).shape[1]
-    image = {
-        "token": processor.image_token,
-        "token_id": family.image_token_id(model.config),
-        "tokens_per_image": int(tokens_per_image),
-        "size": size,
-        "merge": "replace_image_tokens",
-        "preprocess": {
-            "convert_rgb": bool(ip.do_convert_rgb),
-            "resize_shortest_edge": ip.size["shortest_edge"] if ip.do_resize else None,
-            "resample": Image.Resampling(ip.resample).name.lower(),
-            "crop_size": size,
-            "rescale_factor": ip.rescale_factor if ip.do_rescale else None,
-            "mean": list(ip.image_mean) if ip.do_normalize else None,
-            "std": list(ip.image_std) if ip.do_normalize else None,
-        },
-    }
-    return image, prompt_section(processor, processor.image_token, model_dir)
-
-
-FAMILY_CONVENTIONS = {"llava": llava_conventions}
-
-
-def family_conventions(family: ModelFamily):
-    if family.name not in FAMILY_CONVENTIONS:
-        supported = ", ".join(FAMILY_CONVENTIONS)
-        raise UserError(f"exporting '{family.name}' models is not supported yet; supported: {supported}")
-    return FAMILY_CONVENTIONS[family.name]
+# ---- the prompt section ------------------------------------------------------------------------
 
 
 def prompt_section(processor: Any, placeholder: str, model_dir: Path) -> dict:

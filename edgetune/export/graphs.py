@@ -3,11 +3,13 @@
 A vision-language model ships as three graphs, so that the runtime runs the vision tower once per
 image and the decoder once per generated token:
 
-    vision.onnx   pixel_values [batch, 3, H, W]       -> image_embeds [batch, image_tokens, hidden]
+    vision.onnx   the family's pixel inputs                -> image_embeds [..., hidden]
+                  (default: pixel_values [batch, 3, H, W] -> [batch, image_tokens, hidden];
+                  a family's vision_graph hook may take other inputs, e.g. one image's patches)
     embed.onnx    input_ids [batch, seq] (int64)       -> inputs_embeds [batch, seq, hidden]
     decoder.onnx  inputs_embeds [batch, seq, hidden], attention_mask [batch, past + seq] (int64),
-                  position_ids [batch, seq] (int64), past_key_values.{i}.key/.value
-                  [batch, kv_heads, past, head_dim]
+                  position_ids [batch, seq] (int64; [3, batch, seq] for M-RoPE), the family's
+                  decoder_extras, past_key_values.{i}.key/.value [batch, kv_heads, past, head_dim]
                   -> logits [batch, seq, vocab],
                      present.{i}.key/.value [batch, kv_heads, past + seq, head_dim]
 
@@ -15,7 +17,7 @@ The decoder never sees pixels: the runtime writes image_embeds into the rows of 
 hold image tokens, as the families' own forward does. A method module that needs a per-image
 tensor on every step (LLaMA-Adapter's visual prompt) adds one decoder input after position_ids,
 ``image_feature`` [batch, hidden]: the mean of the image's image_embeds, which the runtime
-computes. Every module is built from the family interface (image_features, the language model and
+computes. Every module is built from the family interface (vision_graph, the language model and
 lm_head paths, get_input_embeddings), so a new family exports through the same code.
 
 Exporter notes (torch 2.13, transformers 4.57): only the dynamo exporter handles transformers'
@@ -78,21 +80,25 @@ class DecoderGraph(torch.nn.Module):
 
     def __init__(self, family: ModelFamily, model: Any):
         super().__init__()
+        self.family = family
         self.language_model = get_module(model, family.language_model)
         self.lm_head = get_module(model, family.lm_head)
         self.fed = fed_modules(model)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *rest: torch.Tensor):
+        extras = dict(zip(self.family.decoder_extras, rest))
+        rest = rest[len(extras) :]
         features, past = rest[: len(self.fed)], rest[len(self.fed) :]
         for module, feature in zip(self.fed, features):
             module.feature = feature
         cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))
+        past_length = past[0].shape[2]
         out = self.language_model(
             inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
+            **self.family.language_model_kwargs(attention_mask, past_length, extras),
         )
         present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
         return (self.lm_head(out.last_hidden_state), *present)
@@ -140,23 +146,36 @@ def text_dims(family: ModelFamily, model: Any) -> TextDims:
     )
 
 
-def graph_specs(family: ModelFamily, model: Any, image_size: tuple[int, int]) -> list[GraphSpec]:
-    """The three graphs with sample inputs. Samples use batch 2 and past 4 so that no dynamic dim is
-    traced at 0 or 1, which torch.export would specialise to a constant."""
+def fixed_size_vision_graph(family: ModelFamily, model: Any, processor: Any) -> GraphSpec:
+    """vision.onnx for families whose processor makes every image one [3, H, W] crop."""
+    size = processor.image_processor.crop_size
+    return GraphSpec(
+        name="vision",
+        module=VisionGraph(family, model),
+        sample_args=(torch.randn(2, 3, size["height"], size["width"]),),
+        input_names=["pixel_values"],
+        output_names=["image_embeds"],
+        dynamic_shapes=({0: Dim("batch")},),
+    )
+
+
+def graph_specs(family: ModelFamily, model: Any, processor: Any) -> list[GraphSpec]:
+    """The three graphs with sample inputs. Samples use batch 2, seq 3 and past 4 so that no dynamic
+    dim is traced at 0 or 1, which torch.export would specialise to a constant."""
     dims = text_dims(family, model)
-    batch, past, seq = Dim("batch"), Dim("past", min=0), Dim("seq")
+    batch, past, seq, total = Dim("batch"), Dim("past", min=0), Dim("seq"), Dim("total")
     kv_shape = (2, dims.num_kv_heads, 4, dims.head_dim)
     kv_names = [f"{i}.{kind}" for i in range(dims.num_layers) for kind in ("key", "value")]
     fed = [m.decoder_input for m in fed_modules(model)]
+    extras = family.decoder_extra_inputs(batch, seq, total)
+    if list(extras) != list(family.decoder_extras):
+        raise ValueError(f"{family.name}: decoder_extra_inputs {list(extras)} != decoder_extras {family.decoder_extras}")
+    if family.rope == "mrope":
+        position_sample, position_dims = torch.arange(4, 7).repeat(3, 2, 1), {1: batch, 2: seq}
+    else:
+        position_sample, position_dims = torch.arange(4, 7).repeat(2, 1), {0: batch, 1: seq}
     return [
-        GraphSpec(
-            name="vision",
-            module=VisionGraph(family, model),
-            sample_args=(torch.randn(2, 3, *image_size),),
-            input_names=["pixel_values"],
-            output_names=["image_embeds"],
-            dynamic_shapes=({0: batch},),
-        ),
+        family.vision_graph(model, processor),
         GraphSpec(
             name="embed",
             module=EmbedGraph(model),
@@ -171,18 +190,20 @@ def graph_specs(family: ModelFamily, model: Any, image_size: tuple[int, int]) ->
             sample_args=(
                 torch.randn(2, 3, dims.hidden_size),
                 torch.ones(2, 7, dtype=torch.int64),
-                torch.arange(4, 7).repeat(2, 1),
+                position_sample,
+                *[sample for sample, _ in extras.values()],
                 *[torch.randn(2, dims.hidden_size) for _ in fed],
                 *[torch.randn(kv_shape) for _ in kv_names],
             ),
-            input_names=["inputs_embeds", "attention_mask", "position_ids", *fed]
+            input_names=["inputs_embeds", "attention_mask", "position_ids", *extras, *fed]
             + [f"past_key_values.{n}" for n in kv_names],
             output_names=["logits"] + [f"present.{n}" for n in kv_names],
             dynamic_shapes=(
                 {0: batch, 1: seq},
-                {0: batch, 1: Dim("total")},
-                {0: batch, 1: seq},
-                tuple([{0: batch} for _ in fed] + [{0: batch, 2: past} for _ in kv_names]),  # one entry for *rest
+                {0: batch, 1: total},
+                position_dims,
+                # one entry for *rest
+                tuple([d for _, d in extras.values()] + [{0: batch} for _ in fed] + [{0: batch, 2: past} for _ in kv_names]),
             ),
         ),
     ]

@@ -5,6 +5,15 @@ where the three parts live inside the model (vision tower, connector, LLM), whic
 PEFT methods may target, and how to turn pixels into the image embeddings that replace the image
 placeholder tokens. Loading, training, merging and export are written against this interface
 only, so a new family is one file plus one line in ``edgetune.families.FAMILIES``.
+
+The hooks, by stage (defaults fit LLaVA-style models; a family overrides what it does differently):
+
+    load      processor_knobs, configure_processor, keep_precise
+    data      encode_sample (training inputs, loss on the answer), prompt_inputs (generation inputs)
+    images    image_embeds (processor output -> the rows that replace the image tokens)
+    export    vision_graph, decoder_extra_inputs / language_model_kwargs, bundle_sections,
+              position_ids and extend_inputs (how PyTorch is called in the parity check)
+    runtime   the manifest's image.codec names the torch-free counterpart in edgetune.runtime.codecs
 """
 
 from __future__ import annotations
@@ -29,7 +38,12 @@ class ModelFamily:
     key_value_linears: tuple[str, ...] = ("k_proj", "v_proj")  # IA3 rescales their outputs
     mlp_output_linear: str = "down_proj"  # IA3 rescales its input: the MLP's inner activations
     connector_output: str | None = None  # the connector's last nn.Linear (AdaLink folds into it)
-    rope: str = "1d"  # "1d": the attention module's apply_rotary_pos_emb(q, k, cos, sin)
+    rope: str = "1d"  # "1d": position_ids [batch, seq]; "mrope": [3, batch, seq] (Qwen2-VL)
+    # Recipe model.processor.<knob> settings this family's processor takes -> what each sets.
+    processor_knobs: dict[str, str] = {}
+    # Decoder inputs beyond inputs_embeds, attention_mask, position_ids and the cache (see
+    # decoder_extra_inputs); the runtime codec feeds them.
+    decoder_extras: tuple[str, ...] = ()
 
     def model_class(self) -> type:
         import transformers
@@ -68,9 +82,86 @@ class ModelFamily:
         parts = f"({re.escape(self.attention)}|{re.escape(self.mlp)})"
         return rf"^{re.escape(self.layers)}\.{layers}\.{parts}\.({'|'.join(names)})$"
 
+    # ---- load ---------------------------------------------------------------------------------
+
+    def configure_processor(self, processor: Any, knobs: dict[str, Any]) -> None:
+        """Apply the recipe's model.processor settings (already checked against processor_knobs)."""
+        for knob, value in knobs.items():
+            setattr(processor.image_processor, knob, value)
+
+    # ---- data -------------------------------------------------------------------------------
+
+    def encode_sample(self, processor: Any, sample: Any, max_length: int) -> dict[str, Any]:
+        """input_ids, labels (-100 outside the answers) and the processor's image tensors."""
+        from edgetune.data import encode_sample
+
+        return encode_sample(processor, sample, max_length)
+
+    def prompt_inputs(self, processor: Any, prompts: list[str], images: list[list[Any]]) -> Any:
+        """Model inputs for generating answers: one single-turn prompt per row about its images
+        (PIL), rendered with the chat template, left-padded when there are several rows."""
+        texts = [
+            processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}] * len(row) + [{"type": "text", "text": prompt}]}],
+                add_generation_prompt=True,
+            )
+            for prompt, row in zip(prompts, images)
+        ]
+        flat = [image for row in images for image in row]
+        return processor(text=texts, images=flat, padding=True, padding_side="left", return_tensors="pt")
+
+    # ---- images -----------------------------------------------------------------------------
+
     def image_features(self, model: Any, pixel_values: Any) -> Any:
         """Pixels -> image embeddings in the LLM's hidden size, shape [num_images, tokens, hidden]."""
         raise NotImplementedError
+
+    def image_embeds(self, model: Any, inputs: Any) -> Any:
+        """The processor's output -> [image tokens, hidden]: the rows the model writes into the
+        image-token positions, in reading order (what the bundle's runtime must reproduce)."""
+        features = self.image_features(model, inputs["pixel_values"])
+        return features.reshape(-1, features.shape[-1])
+
+    # ---- export -----------------------------------------------------------------------------
+
+    def vision_graph(self, model: Any, processor: Any) -> Any:
+        """The GraphSpec of vision.onnx (edgetune.export.graphs); default: a fixed-size
+        pixel_values [batch, 3, H, W] -> image_embeds [batch, tokens, hidden]."""
+        from edgetune.export.graphs import fixed_size_vision_graph
+
+        return fixed_size_vision_graph(self, model, processor)
+
+    def decoder_extra_inputs(self, batch: Any, seq: Any, total: Any) -> dict[str, tuple[Any, dict]]:
+        """name -> (sample tensor for batch 2, seq 3, total 7; dynamic dims) for decoder_extras."""
+        return {}
+
+    def language_model_kwargs(self, attention_mask: Any, past_length: Any, extras: dict[str, Any]) -> dict[str, Any]:
+        """The mask arguments the exported decoder passes to the language model."""
+        return {"attention_mask": attention_mask}
+
+    def bundle_sections(self, model: Any, processor: Any, model_dir: Path) -> tuple[dict, dict]:
+        """The manifest's "image" section (image.codec names the runtime codec) and "prompt" section."""
+        from edgetune.errors import UserError
+
+        raise UserError(f"exporting '{self.name}' models is not supported yet")
+
+    def position_ids(self, model: Any, inputs: Any) -> Any:
+        """position_ids to call the PyTorch model with, as generate() would (None: the model's own)."""
+        import torch
+
+        from edgetune.runtime.codecs import positions_from_mask
+
+        return torch.from_numpy(positions_from_mask(inputs["attention_mask"].numpy()))
+
+    def extend_inputs(self, inputs: Any, next_ids: Any) -> dict[str, Any]:
+        """``inputs`` with one more (generated) token per row, for a full PyTorch forward."""
+        import torch
+
+        out = dict(inputs)
+        out["input_ids"] = torch.cat([inputs["input_ids"], next_ids], dim=1)
+        mask = inputs["attention_mask"]
+        out["attention_mask"] = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        return out
 
     def build_tiny(self, out_dir: Path) -> None:
         """Write an offline random-weight model of this family that ``from_pretrained`` loads."""

@@ -44,6 +44,43 @@ class LlavaFamily(ModelFamily):
             selected = [states[:, 1:] for states in selected]  # drop CLIP's CLS token
         return get_module(model, self.connector)(torch.cat(selected, dim=-1))
 
+    def bundle_sections(self, model: Any, processor: Any, model_dir: Path) -> tuple[dict, dict]:
+        """CLIP preprocessing (shortest-edge resize, center crop, fixed size); one "<image>"
+        placeholder expanded to one image token per image embedding (runtime codec "clip")."""
+        import torch
+        from PIL import Image
+
+        from edgetune.errors import UserError
+        from edgetune.export.bundle import prompt_section
+
+        ip = processor.image_processor
+        if "shortest_edge" not in ip.size or not ip.do_center_crop:
+            raise UserError(
+                f"{model_dir}/preprocessor_config.json: export supports CLIP-style preprocessing "
+                f"(size.shortest_edge and do_center_crop); "
+                f"got size={ip.size}, do_center_crop={ip.do_center_crop}"
+            )
+        size = [ip.crop_size["height"], ip.crop_size["width"]]
+        with torch.no_grad():
+            tokens_per_image = self.image_features(model, torch.zeros(1, 3, *size)).shape[1]
+        image = {
+            "codec": "clip",
+            "token": processor.image_token,
+            "token_id": self.image_token_id(model.config),
+            "tokens_per_image": int(tokens_per_image),
+            "size": size,
+            "preprocess": {
+                "convert_rgb": bool(ip.do_convert_rgb),
+                "resize_shortest_edge": ip.size["shortest_edge"] if ip.do_resize else None,
+                "resample": Image.Resampling(ip.resample).name.lower(),
+                "crop_size": size,
+                "rescale_factor": ip.rescale_factor if ip.do_rescale else None,
+                "mean": list(ip.image_mean) if ip.do_normalize else None,
+                "std": list(ip.image_std) if ip.do_normalize else None,
+            },
+        }
+        return image, prompt_section(processor, processor.image_token, model_dir)
+
     def build_tiny(self, out_dir: Path) -> None:
         import torch
         from transformers import (

@@ -5,10 +5,15 @@ Contract: with temperature 0, ``generate_ids`` returns the same new token ids as
 token in tests/test_runtime.py), including the eos token when one ends the answer. Sampling
 (temperature > 0, top-p) draws from numpy's generator, so a seed reproduces the answer.
 
-One step of the model is ``forward``: embed.onnx on the ids, vision.onnx on the pixels, the image
+One step of the model is ``forward``: embed.onnx on the ids, vision.onnx on each image, the image
 embeddings written into the image-token rows, then decoder.onnx with the KV cache. The cache is a
 dict of numpy arrays keyed by the decoder's past input names; each step's ``present.*`` outputs
-become the next step's ``past_key_values.*`` inputs.
+become the next step's ``past_key_values.*`` inputs. Other keys in that dict are per-generation
+state (LLaMA-Adapter's image feature, a codec's M-RoPE offsets) carried to the next step.
+
+What differs between families at the image boundary (preprocessing, the image's text in the
+prompt, position ids, extra decoder inputs) is the codec's (edgetune.runtime.codecs), chosen by
+the manifest's image.codec.
 
 A bundle from prefix tuning carries a constant KV prefix (manifest "kv_prefix"): the empty cache
 is that prefix rather than nothing, the decoder's mask gets as many always-visible columns in
@@ -30,6 +35,7 @@ from tokenizers.decoders import DecodeStream
 from edgetune.errors import UserError
 from edgetune.runtime import preprocess
 from edgetune.runtime.bundle import GRAPH_NAMES, REEXPORT, load_manifest
+from edgetune.runtime.codecs import EncodedImage, get_codec
 
 ImageInput = Path | str | Image.Image
 IMAGE_FEATURE = "image_feature"
@@ -40,10 +46,8 @@ class OnnxVLM:
 
     def __init__(self, manifest: dict, sessions: dict[str, ort.InferenceSession], tokenizer: Tokenizer,
                  kv_prefix: dict[str, np.ndarray] | None = None):
-        if manifest["image"]["merge"] != "replace_image_tokens":
-            merge = manifest["image"]["merge"]
-            raise UserError(f"manifest.json: image merge '{merge}' is unknown to this runtime; update edgetune")
         self.manifest = manifest
+        self.codec = get_codec(manifest)
         self.sessions = sessions
         self.tokenizer = tokenizer
         decoder = manifest["graphs"]["decoder"]
@@ -84,23 +88,25 @@ class OnnxVLM:
 
     # ---- prompt and image -> model inputs -------------------------------------------------------
 
-    def prompt_ids(self, prompt: str) -> list[int]:
+    def encode_image(self, image: ImageInput) -> EncodedImage:
+        """One image (a path or a PIL image) -> the vision graph's inputs and its token count."""
+        return self.codec.encode(preprocess.open_image(image))
+
+    def prompt_ids(self, prompt: str, image: EncodedImage) -> list[int]:
         """The single-turn chat prompt for ``prompt`` about one image, as token ids.
 
         The manifest's pre-rendered template is split at the image placeholder, {prompt} filled in,
-        and the placeholder expanded to one image token per image embedding, as the HF processor does.
+        and the placeholder replaced by the codec's text for this image, as the HF processor does.
         """
-        spec, image = self.manifest["prompt"], self.manifest["image"]
+        spec = self.manifest["prompt"]
         before, after = spec["single_turn"].split(spec["image_placeholder"], 1)
-        expanded = image["token"] * image["tokens_per_image"]
-        text = before.replace("{prompt}", prompt) + expanded + after.replace("{prompt}", prompt)
+        text = before.replace("{prompt}", prompt) + self.codec.image_text(image) + after.replace("{prompt}", prompt)
         add_special_tokens = self.manifest["tokenizer"]["add_special_tokens"]
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def pixel_values(self, image: ImageInput) -> np.ndarray:
-        """float32 [1, 3, H, W] for one image (a path or a PIL image)."""
-        params = self.manifest["image"]["preprocess"]
-        return preprocess.pixel_values(preprocess.open_image(image), params)[None]
+    def image_embeds(self, images: list[EncodedImage]) -> list[np.ndarray]:
+        """vision.onnx on each image: [tokens, hidden] per image."""
+        return [self.codec.embeds(self.sessions["vision"], image) for image in images]
 
     # ---- one model step ------------------------------------------------------------------------
 
@@ -118,34 +124,34 @@ class OnnxVLM:
         input_ids: np.ndarray,
         attention_mask: np.ndarray,
         past: dict[str, np.ndarray] | None = None,
-        pixel_values: np.ndarray | None = None,
+        images: list[EncodedImage] | None = None,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One pass over new tokens: (logits [batch, seq, vocab], present cache).
+        """One pass over new tokens: (logits [batch, seq, vocab], present cache and state).
 
         input_ids [batch, seq] are the new tokens; attention_mask [batch, past + seq] covers the
-        cached and the new ones (0 = padding). pixel_values [images, 3, H, W] fill the image tokens
-        of input_ids in reading order.
+        cached and the new ones (0 = padding). ``images`` fill the image tokens of input_ids in
+        reading order (row by row).
         """
         input_ids = np.asarray(input_ids, dtype=np.int64)
         attention_mask = np.asarray(attention_mask, dtype=np.int64)
         past = self.empty_past(len(input_ids)) if past is None else past
+        state = {key: value for key, value in past.items() if key not in self.past_names}
         (embeds,) = self.sessions["embed"].run(None, {"input_ids": input_ids})
-        state = {}
-        if pixel_values is not None:
-            pixels = pixel_values.astype(np.float32)
-            (image_embeds,) = self.sessions["vision"].run(None, {"pixel_values": pixels})
-            embeds = replace_image_tokens(embeds, input_ids, image_embeds, self.manifest["image"]["token_id"])
+        if images:
+            per_image = self.image_embeds(images)
+            embeds = replace_image_tokens(embeds, input_ids, np.concatenate(per_image), self.manifest["image"]["token_id"])
             if self.feeds_image_feature:
-                state[IMAGE_FEATURE] = image_feature(image_embeds, len(input_ids))
-        elif self.feeds_image_feature:
-            if IMAGE_FEATURE not in past:
-                raise UserError("this bundle's decoder needs the image: pass pixel_values on the first step")
-            state[IMAGE_FEATURE] = past[IMAGE_FEATURE]  # carried over from the step that saw the image
-        position_ids = positions_from_mask(attention_mask)[:, -input_ids.shape[1] :]
+                state[IMAGE_FEATURE] = image_feature(per_image, len(input_ids))
+        elif self.feeds_image_feature and IMAGE_FEATURE not in state:
+            raise UserError("this bundle's decoder needs the image: pass images on the first step")
+        position_ids = self.codec.positions(input_ids, attention_mask, images, state)
+        extras = self.codec.decoder_feeds(input_ids, attention_mask, state)
         if self.kv_prefix:
             length = next(iter(self.kv_prefix.values())).shape[1]
             attention_mask = np.concatenate([np.ones((len(attention_mask), length), np.int64), attention_mask], axis=1)
-        feed = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids, **state}
+        feed = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids, **extras}
+        if self.feeds_image_feature:
+            feed[IMAGE_FEATURE] = state[IMAGE_FEATURE]
         feed.update((name, past[name]) for name in self.past_names)
         logits, *present = self.sessions["decoder"].run(None, feed)
         return logits, {**dict(zip(self.past_names, present)), **state}
@@ -192,10 +198,10 @@ class OnnxVLM:
     def _new_token_ids(self, image, prompt, max_new_tokens, temperature, top_p, seed) -> Iterator[int]:
         if temperature < 0 or not 0 < top_p <= 1:
             raise UserError(f"temperature must be >= 0 and top_p in (0, 1]; got {temperature} and {top_p}")
-        pixels = self.pixel_values(image)
-        input_ids = np.array([self.prompt_ids(prompt)], dtype=np.int64)
+        encoded = self.encode_image(image)
+        input_ids = np.array([self.prompt_ids(prompt, encoded)], dtype=np.int64)
         mask = np.ones_like(input_ids)
-        logits, past = self.forward(input_ids, mask, pixel_values=pixels)
+        logits, past = self.forward(input_ids, mask, images=[encoded])
         rng = np.random.default_rng(seed)
         for produced in range(1, max_new_tokens + 1):
             token = next_token(logits[0, -1], temperature, top_p, rng)
@@ -206,11 +212,11 @@ class OnnxVLM:
             logits, past = self.forward(np.array([[token]]), mask, past)
 
 
-def image_feature(image_embeds: np.ndarray, batch: int) -> np.ndarray:
+def image_feature(per_image: list[np.ndarray], batch: int) -> np.ndarray:
     """[batch, hidden]: each image's mean embedding; the decoder input needs one image per row."""
-    if len(image_embeds) != batch:
-        raise UserError(f"this bundle (visual prompt) needs one image per prompt; got {len(image_embeds)} for {batch}")
-    return image_embeds.mean(axis=1, dtype=np.float32)
+    if len(per_image) != batch:
+        raise UserError(f"this bundle (visual prompt) needs one image per prompt; got {len(per_image)} for {batch}")
+    return np.stack([embeds.mean(axis=0, dtype=np.float32) for embeds in per_image])
 
 
 def load_kv_prefix(path: Path) -> dict[str, np.ndarray]:
@@ -251,13 +257,6 @@ def replace_image_tokens(
     merged = embeds.copy()
     merged[rows] = flat.astype(embeds.dtype)
     return merged
-
-
-def positions_from_mask(attention_mask: np.ndarray) -> np.ndarray:
-    """1-D RoPE positions: each real token's index among the real tokens; padding gets 1, as in
-    transformers' generate (its value is irrelevant, padding is masked)."""
-    positions = np.cumsum(attention_mask, axis=-1) - 1
-    return np.where(attention_mask == 0, 1, positions).astype(np.int64)
 
 
 def next_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:

@@ -9,9 +9,10 @@ import numpy as np
 
 def decode_tokens_per_second(vlm, image, prompt: str, tokens: int = 64) -> float:
     """Tokens/s over ``tokens`` greedy decode steps after the prefill (which is not timed)."""
-    input_ids = np.array([vlm.prompt_ids(prompt)], dtype=np.int64)
+    encoded = vlm.encode_image(image)
+    input_ids = np.array([vlm.prompt_ids(prompt, encoded)], dtype=np.int64)
     mask = np.ones_like(input_ids)
-    logits, past = vlm.forward(input_ids, mask, pixel_values=vlm.pixel_values(image))
+    logits, past = vlm.forward(input_ids, mask, images=[encoded])
     start = time.perf_counter()
     for _ in range(tokens):
         token = int(np.argmax(logits[0, -1]))
