@@ -28,10 +28,22 @@ except ImportError:
 
 
 @pytest.fixture(scope="session")
-def tiny_llava_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-llava")
-    FAMILIES["llava"].build_tiny(out)
-    return out
+def tiny_model_dir(tmp_path_factory):
+    """family name -> a tiny model directory of that family, built once per session."""
+    built = {}
+
+    def build(family):
+        if family not in built:
+            built[family] = tmp_path_factory.mktemp(f"tiny-{family}")
+            FAMILIES[family].build_tiny(built[family])
+        return built[family]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tiny_model_dir):
+    return tiny_model_dir("llava")
 
 
 @pytest.fixture(scope="session")

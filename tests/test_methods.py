@@ -1,8 +1,12 @@
-"""One matrix over every registered method (peft's lesson): the same tiny model, the same checks.
+"""One matrix over every registered family x every registered method (peft's lesson): the same
+tiny models, the same checks.
 
-For each method (and LLaMA-Adapter's multimodal variant): the model at step 0 equals the frozen
-model (zero-init methods), a few steps lower the loss, save -> load reproduces the outputs, and the
-exported bundle matches PyTorch within the fp32 tolerance and gives the same greedy tokens.
+For each pair (and LLaMA-Adapter's multimodal variant on LLaVA): the model at step 0 equals the
+frozen model (zero-init methods), save -> load reproduces the outputs, a few steps lower the
+loss, the merge reloads to the adapted model, and the exported bundle matches PyTorch within the
+fp32 tolerance (the parity check includes two images of different sizes, so dynamic-resolution
+families export with different image-token counts) and gives the same greedy tokens, also with
+torch blocked. A pair a method refuses (LLaMA-Adapter on M-RoPE) must be refused before any work.
 """
 
 from __future__ import annotations
@@ -11,21 +15,37 @@ import pytest
 import torch
 
 from edgetune.data import collate, load_samples
+from edgetune.errors import UserError
+from edgetune.families import FAMILIES
 from edgetune.load import load_backbone
 from edgetune.methods import METHODS, get_method
-from edgetune.recipe import load_recipe
+from edgetune.recipe import MethodSection, load_recipe
 from edgetune.train import EncodedDataset, train
 from tests.conftest import TORCH_BLOCKER, make_recipe
 
 VARIANTS = {name: {"name": name} for name in sorted(METHODS)}
 VARIANTS["llama_adapter-visual"] = {"name": "llama_adapter", "visual_prompt": True}
-NAMES = list(VARIANTS)
 CPU = torch.device("cpu")
 
 
-def recipe_for(name, tmp_path, tiny_llava_dir, task_dir, **train):
-    return load_recipe(make_recipe(tmp_path / f"{name}.yaml", tiny_llava_dir, task_dir, method=VARIANTS[name],
-                                   train={"max_steps": 30, "lr": 3e-3, "batch_size": 8, **train}))
+def refusal(family, variant):
+    """The method's UserError for this family, or None when the pair is supported."""
+    try:
+        get_method(MethodSection(**VARIANTS[variant])).check_family(FAMILIES[family])
+    except UserError as err:
+        return str(err)
+    return None
+
+
+PAIRS = [(f, v) for f in sorted(FAMILIES) for v in VARIANTS if f == "llava" or v != "llama_adapter-visual"]
+SUPPORTED_PAIRS = [(f, v) for f, v in PAIRS if refusal(f, v) is None]
+SUPPORTED = [pytest.param(f, v, id=f"{f}-{v}") for f, v in SUPPORTED_PAIRS]
+REFUSED = [pytest.param(f, v, id=f"{f}-{v}") for f, v in PAIRS if refusal(f, v) is not None]
+
+
+def recipe_for(family, name, tmp_path, tiny_model_dir, task_dir, **train):
+    return load_recipe(make_recipe(tmp_path / f"{family}-{name}.yaml", tiny_model_dir(family), task_dir,
+                                   method=VARIANTS[name], train={"max_steps": 30, "lr": 3e-3, "batch_size": 8, **train}))
 
 
 def probe(recipe, backbone, count=4):
@@ -42,9 +62,34 @@ def attached(recipe):
     return backbone, method, method.attach(backbone.model, backbone.family, recipe.method)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_step_zero_equals_the_frozen_model(name, tmp_path, tiny_llava_dir, task_dir):
-    recipe = recipe_for(name, tmp_path, tiny_llava_dir, task_dir)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_nf4_quantizes_the_llm_only(family, tmp_path, tiny_model_dir, task_dir):
+    """The vision tower and the connector stay in full precision; the LLM's linears are NF4."""
+    import bitsandbytes as bnb
+
+    from edgetune.families.base import get_module
+
+    recipe = recipe_for(family, "lora", tmp_path, tiny_model_dir, task_dir)
+    backbone = load_backbone(recipe.model, recipe.quantization, CPU, torch.float32)
+    chosen = FAMILIES[family]
+    for part in (chosen.vision_tower, chosen.connector):
+        quantized = [n for n, m in get_module(backbone.model, part).named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert not quantized, f"{family}: {part} has 4-bit layers {quantized[:3]}"
+    layers = get_module(backbone.model, chosen.layers)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in layers.modules()), family
+
+
+@pytest.mark.parametrize(("family", "name"), REFUSED)
+def test_unsupported_pairs_are_refused_before_loading(family, name, tmp_path, tiny_model_dir, task_dir):
+    recipe = recipe_for(family, name, tmp_path, tiny_model_dir, task_dir)
+    with pytest.raises(UserError, match=f"{VARIANTS[name]['name']}.*{family}"):
+        train(recipe, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("family", "name"), SUPPORTED)
+def test_step_zero_equals_the_frozen_model(family, name, tmp_path, tiny_model_dir, task_dir):
+    recipe = recipe_for(family, name, tmp_path, tiny_model_dir, task_dir)
     if not get_method(recipe.method).identity_at_init:
         pytest.skip(f"{name} is not zero-initialised (by design)")
     frozen = load_backbone(recipe.model, recipe.quantization, CPU, torch.float32)
@@ -60,9 +105,9 @@ def test_step_zero_equals_the_frozen_model(name, tmp_path, tiny_llava_dir, task_
     assert trainable and not any("vision_tower" in n for n in trainable)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_save_then_load_reproduces_outputs(name, tmp_path, tiny_llava_dir, task_dir):
-    recipe = recipe_for(name, tmp_path, tiny_llava_dir, task_dir)
+@pytest.mark.parametrize(("family", "name"), SUPPORTED)
+def test_save_then_load_reproduces_outputs(family, name, tmp_path, tiny_model_dir, task_dir):
+    recipe = recipe_for(family, name, tmp_path, tiny_model_dir, task_dir)
     backbone, method, model = attached(recipe)
     torch.manual_seed(0)
     with torch.no_grad():  # move every trainable tensor off its init so that the check means something
@@ -81,17 +126,18 @@ def test_save_then_load_reproduces_outputs(name, tmp_path, tiny_llava_dir, task_
     assert float((got - expected).abs().max()) < 1e-5
 
 
-@pytest.fixture(scope="module", params=NAMES)
-def trained_and_exported(request, tiny_llava_dir, task_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=SUPPORTED_PAIRS, ids=[f"{f}-{v}" for f, v in SUPPORTED_PAIRS])
+def trained_and_exported(request, tiny_model_dir, task_dir, tmp_path_factory):
     from edgetune.export import export_bundle
     from edgetune.merge import dequantize_then_merge
 
-    root = tmp_path_factory.mktemp(request.param)
-    recipe = recipe_for(request.param, root, tiny_llava_dir, task_dir)
+    family, name = request.param
+    root = tmp_path_factory.mktemp(f"{family}-{name}")
+    recipe = recipe_for(family, name, root, tiny_model_dir, task_dir)
     result = train(recipe, root / "run")
     merge = dequantize_then_merge(root / "run", root / "merged")
     manifest = export_bundle(root / "merged", root / "bundle")
-    return request.param, recipe, result, merge, manifest, root
+    return f"{family}-{name}", recipe, result, merge, manifest, root
 
 
 def test_a_few_steps_lower_the_loss(trained_and_exported):
@@ -111,14 +157,18 @@ def test_merge_then_export_matches_pytorch(trained_and_exported):
 def test_bundle_declares_the_runtime_features_it_needs(trained_and_exported):
     """A format-1 runtime would silently run a prefix bundle without its prefix: such bundles say 2."""
     name, _, _, _, manifest, root = trained_and_exported
-    needs_new_runtime = name in ("prefix", "llama_adapter-visual")
-    assert manifest["format_version"] == (2 if needs_new_runtime else 1), name
-    assert ("kv_prefix" in manifest) == (name == "prefix")
-    assert (root / "bundle/kv_prefix.safetensors").is_file() == (name == "prefix")
+    family, method = name.split("-", 1)
+    if manifest["image"]["codec"] != "clip":
+        assert manifest["format_version"] == 3, name  # a format-2 runtime only knows CLIP images
+    else:
+        needs_new_runtime = method in ("prefix", "llama_adapter-visual")
+        assert manifest["format_version"] == (2 if needs_new_runtime else 1), name
+    assert ("kv_prefix" in manifest) == (method == "prefix")
+    assert (root / "bundle/kv_prefix.safetensors").is_file() == (method == "prefix")
 
 
 def test_runtime_greedy_tokens_equal_pytorch(trained_and_exported):
-    from edgetune.data import open_image, prompt_text
+    from edgetune.data import open_image
     from edgetune.merge import load_merged
     from edgetune.runtime import OnnxVLM
 
@@ -127,8 +177,7 @@ def test_runtime_greedy_tokens_equal_pytorch(trained_and_exported):
     vlm = OnnxVLM.load(root / "bundle")
     tokenizer = merged.processor.tokenizer
     for sample in load_samples(recipe.data.eval)[:3]:
-        inputs = merged.processor(text=[prompt_text(merged.processor, sample)], images=[open_image(sample.images[0])],
-                                  return_tensors="pt")
+        inputs = merged.family.prompt_inputs(merged.processor, [sample.question], [[open_image(sample.images[0])]])
         with torch.no_grad():
             out = merged.model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         expected = out[0, inputs["input_ids"].shape[1]:].tolist()
