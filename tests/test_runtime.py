@@ -182,3 +182,15 @@ def test_runtime_runs_with_torch_and_transformers_blocked(bundle_dir, vlm, tmp_p
     assert out["modules"] == []
     assert out["ids"] == vlm.generate_ids(image, "What color is the shape?", max_new_tokens=6)
     assert out["text"] == vlm.tokenizer.decode(out["ids"], skip_special_tokens=True) and out["text"]
+
+
+def test_bundles_from_a_newer_edgetune_are_refused_by_name(bundle_dir, tmp_path):
+    broken = Path(shutil.copytree(bundle_dir, tmp_path / "bundle"))
+    manifest = json.loads((broken / "manifest.json").read_text())
+    (broken / "manifest.json").write_text(json.dumps({**manifest, "format_version": 4}))
+    with pytest.raises(UserError, match=r"format_version 4 is not one this runtime reads \(1, 2, 3\)"):
+        OnnxVLM.load(broken)
+    manifest["image"]["codec"] = "hologram"
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"image codec 'hologram' is unknown to this runtime; update edgetune"):
+        OnnxVLM.load(broken)
