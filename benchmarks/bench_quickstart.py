@@ -1,7 +1,7 @@
 """Quickstart benchmark: each stage's time, then decode tokens/s of the ONNX runtime vs PyTorch
 eager ``generate`` on the same merged model, same image and prompt, side by side in one run.
 
-    python benchmarks/bench_quickstart.py [--out DIR] [--tokens 64] [--repeats 5]
+    python benchmarks/bench_quickstart.py [--family llava] [--out DIR] [--tokens 64] [--repeats 5]
 
 Decode speed is the steady state after the prefill: for PyTorch, the time of generate(N+1
 tokens) minus generate(1 token), both forced past eos; for ONNX, N timed single-token steps with
@@ -23,13 +23,12 @@ from pathlib import Path
 def torch_decode_tokens_per_second(model_dir: Path, image: Path, prompt: str, tokens: int) -> float:
     import torch
     from PIL import Image
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(model_dir, use_fast=False)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(text=[text], images=[Image.open(image).convert("RGB")], return_tensors="pt")
+    from edgetune.merge import load_merged
+
+    merged = load_merged(model_dir)
+    model, processor = merged.model, merged.processor
+    inputs = merged.family.prompt_inputs(processor, [prompt], [[Image.open(image).convert("RGB")]])
 
     def timed(n: int) -> float:
         start = time.perf_counter()
@@ -44,6 +43,7 @@ def torch_decode_tokens_per_second(model_dir: Path, image: Path, prompt: str, to
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="llava")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
@@ -59,7 +59,7 @@ def main() -> None:
     from edgetune.runtime.speed import decode_tokens_per_second
 
     out = args.out or Path(tempfile.mkdtemp(prefix="edgetune-bench-")) / "quickstart"
-    summary = run_quickstart(out)
+    summary = run_quickstart(out, family=args.family)
     image = next((out / "data/images").glob("eval-*.png"))
     prompt = "What color is the shape?"
     vlm = OnnxVLM.load(out / "bundle")
@@ -67,6 +67,7 @@ def main() -> None:
     onnx = [decode_tokens_per_second(vlm, image, prompt, args.tokens) for _ in range(args.repeats)]
     eager = [torch_decode_tokens_per_second(out / "merged", image, prompt, args.tokens) for _ in range(args.repeats)]
     result = {
+        "family": args.family,
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
         "stage_seconds": summary["stage_seconds"],

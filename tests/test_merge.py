@@ -23,7 +23,7 @@ def test_merged_model_equals_adapter_on_dequantized_base(run_dir, tmp_path):
     report = dequantize_then_merge(run_dir, tmp_path / "merged")
     assert report.max_logit_diff < 1e-4
     backbone, adapted, recipe = load_adapted(run_dir, dequantize=True)
-    batch = probe_batch(recipe, backbone.processor)
+    batch = probe_batch(recipe, backbone)
     merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     assert not any("4bit" in type(m).__name__ for m in merged.modules())
     with torch.no_grad():
@@ -41,7 +41,7 @@ def test_merged_model_equals_adapter_on_dequantized_base(run_dir, tmp_path):
 def test_merging_into_nf4_would_be_lossier_than_dequantize_then_merge(run_dir):
     """The reason merge dequantizes first: the naive path re-quantizes the adapter's delta."""
     backbone, adapted, recipe = load_adapted(run_dir, dequantize=False)
-    batch = probe_batch(recipe, backbone.processor)
+    batch = probe_batch(recipe, backbone)
     with torch.no_grad():
         expected = adapted(**batch).logits
         naive = adapted.merge_and_unload()(**batch).logits
