@@ -38,8 +38,10 @@ def refusal(family, variant):
 
 
 PAIRS = [(f, v) for f in sorted(FAMILIES) for v in VARIANTS if f == "llava" or v != "llama_adapter-visual"]
+# Under pytest-xdist (--dist loadgroup) every test of one pair runs on the same worker, so each
+# pair's module-scoped train -> merge -> export fixture is built once.
 SUPPORTED_PAIRS = [(f, v) for f, v in PAIRS if refusal(f, v) is None]
-SUPPORTED = [pytest.param(f, v, id=f"{f}-{v}") for f, v in SUPPORTED_PAIRS]
+SUPPORTED = [pytest.param(f, v, id=f"{f}-{v}", marks=pytest.mark.xdist_group(f"{f}-{v}")) for f, v in SUPPORTED_PAIRS]
 REFUSED = [pytest.param(f, v, id=f"{f}-{v}") for f, v in PAIRS if refusal(f, v) is not None]
 
 
@@ -126,7 +128,9 @@ def test_save_then_load_reproduces_outputs(family, name, tmp_path, tiny_model_di
     assert float((got - expected).abs().max()) < 1e-5
 
 
-@pytest.fixture(scope="module", params=SUPPORTED_PAIRS, ids=[f"{f}-{v}" for f, v in SUPPORTED_PAIRS])
+@pytest.fixture(scope="module", params=[
+    pytest.param((f, v), id=f"{f}-{v}", marks=pytest.mark.xdist_group(f"{f}-{v}")) for f, v in SUPPORTED_PAIRS
+])
 def trained_and_exported(request, tiny_model_dir, task_dir, tmp_path_factory):
     from edgetune.export import export_bundle
     from edgetune.merge import dequantize_then_merge
