@@ -1,0 +1,126 @@
+"""LLaVA-NeXT (LLaVA-1.6): LLaVA's CLIP tower, MLP projector and LLM, plus any-resolution images.
+
+The processor picks the best of ``image_grid_pinpoints`` for each image, resizes it keeping the
+aspect ratio, pads it to that resolution and cuts it into crop-size tiles; a squashed copy of
+the whole image comes first. The vision tower and projector run on every crop (what LLaVA's
+``image_features`` already does on a [crops, 3, H, W] batch); the model then packs each image's
+tile features into one grid, cuts the rows or columns that only saw padding and appends the
+learned ``image_newline`` after every row, so the number of image tokens depends on the image's
+size. Module paths are LLaVA's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgetune.families.llava import LlavaFamily
+
+# llava-hf/llava-v1.6-mistral-7b-hf's chat template (chat_template.json), verbatim.
+MISTRAL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<<SYS>>\\n' + message['content'][0]['text'] + '\\n<</SYS>>\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{# Render all text next #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '</s> '}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}"
+    "{% endif %}{% endfor %}"
+)
+
+
+class LlavaNextFamily(LlavaFamily):
+    name = "llava_next"
+    model_class_name = "LlavaNextForConditionalGeneration"
+    image_newline = "model.image_newline"  # [hidden], appended after every row of an image's tile grid
+
+    def build_tiny(self, out_dir: Path) -> None:
+        """llava-v1.6-mistral in miniature: 24 px crops of 3x3 patches (9 tokens each), the real
+        checkpoint's pinpoints scaled from 336 to 24 px, so a 48x48 image is 2x2 tiles + the base
+        image = 51 image tokens, and a wide one picks a 1x2 or 1x3 grid."""
+        import torch
+        from transformers import (
+            CLIPVisionConfig,
+            LlamaTokenizerFast,
+            LlavaNextConfig,
+            LlavaNextForConditionalGeneration,
+            LlavaNextImageProcessor,
+            LlavaNextProcessor,
+            MistralConfig,
+        )
+
+        from edgetune.families.tiny import train_byte_level_bpe
+
+        tokenizer = LlamaTokenizerFast(
+            tokenizer_object=train_byte_level_bpe(["<unk>", "<s>", "</s>"]),
+            unk_token="<unk>",
+            bos_token="<s>",
+            eos_token="</s>",
+            add_bos_token=True,
+            add_eos_token=False,
+            legacy=False,
+            padding_side="left",
+        )
+        # As in the real checkpoint, <image> and then <pad> follow the base vocabulary.
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        image_size, patch_size = 24, 8
+        pinpoints = [[24, 48], [48, 24], [48, 48], [72, 24], [24, 72]]
+        image_processor = LlavaNextImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+            image_grid_pinpoints=pinpoints,
+        )
+        processor = LlavaNextProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+            chat_template=MISTRAL_CHAT_TEMPLATE,
+            image_token="<image>",
+        )
+        config = LlavaNextConfig(
+            vision_config=CLIPVisionConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=image_size,
+                patch_size=patch_size,
+                projection_dim=32,
+            ),
+            text_config=MistralConfig(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=len(tokenizer),
+                max_position_embeddings=512,
+                rope_theta=1e6,
+                sliding_window=None,  # Mistral-7B-Instruct-v0.2, the checkpoint's LLM, has none
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                tie_word_embeddings=False,
+                # A trained LM head has rows large enough for confident logits; with the default
+                # 0.02 a frozen random head caps logits near +-1 and no adapter can fit the data.
+                initializer_range=0.3,
+            ),
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+            image_grid_pinpoints=pinpoints,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+            projector_hidden_act="gelu",
+            tie_word_embeddings=False,
+        )
+        torch.manual_seed(0)
+        model = LlavaNextForConditionalGeneration(config)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.bos_token_id = tokenizer.bos_token_id
+        model.save_pretrained(out_dir, safe_serialization=True)
+        processor.save_pretrained(out_dir)
