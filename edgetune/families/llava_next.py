@@ -12,7 +12,9 @@ size. Module paths are LLaVA's.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from edgetune.families.base import get_module
 from edgetune.families.llava import LlavaFamily
 
 # llava-hf/llava-v1.6-mistral-7b-hf's chat template (chat_template.json), verbatim.
@@ -35,6 +37,71 @@ class LlavaNextFamily(LlavaFamily):
     name = "llava_next"
     model_class_name = "LlavaNextForConditionalGeneration"
     image_newline = "model.image_newline"  # [hidden], appended after every row of an image's tile grid
+
+    # image_features (LLaVA's) maps crops [crops, 3, H, W] -> [crops, tokens per crop, hidden].
+
+    def image_embeds(self, model: Any, inputs: Any) -> Any:
+        """LlavaNextModel.get_image_features: each image's crops packed (unpadded tile grid with
+        image_newline after every row, after the base image's tokens), images concatenated."""
+        import torch
+
+        return torch.cat(model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]))
+
+    def vision_graph(self, model: Any, processor: Any) -> Any:
+        """vision.onnx: one image's crops [crops, 3, H, W] -> image_embeds [crops, tokens per crop,
+        hidden] and image_newline [hidden]. Packing depends on the image's size, so the runtime
+        codec does it (edgetune.runtime.codecs.llava_next); the newline ships as a graph output
+        because it is a weight of the model like any other."""
+        import torch
+        from torch.export import Dim
+
+        from edgetune.export.graphs import GraphSpec, VisionGraph
+
+        newline_path = self.image_newline
+
+        class CropsAndNewline(VisionGraph):
+            def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return super().forward(pixel_values), get_module(self.model, newline_path)
+
+        size = processor.image_processor.crop_size
+        return GraphSpec(
+            name="vision",
+            module=CropsAndNewline(self, model),
+            sample_args=(torch.randn(3, 3, size["height"], size["width"]),),
+            input_names=["pixel_values"],
+            output_names=["image_embeds", "image_newline"],
+            dynamic_shapes=({0: Dim("crops")},),
+        )
+
+    def bundle_sections(self, model: Any, processor: Any, model_dir: Path) -> tuple[dict, dict]:
+        """LLaVA's CLIP steps for every crop, plus what the "llava_next" codec needs to cut an image
+        into crops and count its tokens: the pinpoints, the crop size, the base image's size and
+        the side of a crop's square token grid."""
+        from edgetune.errors import UserError
+
+        image, prompt = super().bundle_sections(model, processor, model_dir)
+        ip, vision = processor.image_processor, model.config.vision_config
+        crop_side = vision.image_size // vision.patch_size
+        crop, tokens_per_crop = image.pop("size"), image.pop("tokens_per_image")
+        if crop != [vision.image_size] * 2 or tokens_per_crop != crop_side**2:
+            raise UserError(
+                f"{model_dir}: export needs square crops of the vision tower's size ({vision.image_size}) "
+                f"giving {crop_side}x{crop_side} tokens (vision_feature_select_strategy 'default'); "
+                f"got crop_size={ip.crop_size}, strategy={model.config.vision_feature_select_strategy}"
+            )
+        if [list(p) for p in ip.image_grid_pinpoints] != [list(p) for p in model.config.image_grid_pinpoints]:
+            raise UserError(
+                f"{model_dir}: preprocessor_config.json and config.json list different image_grid_pinpoints; "
+                "make them equal (the model unpacks the crops the processor makes)"
+            )
+        image.update(
+            codec="llava_next",
+            grid_pinpoints=[list(p) for p in ip.image_grid_pinpoints],
+            crop_size=crop[0],
+            crop_side=crop_side,
+            base_size=ip.size["shortest_edge"],
+        )
+        return image, prompt
 
     def build_tiny(self, out_dir: Path) -> None:
         """llava-v1.6-mistral in miniature: 24 px crops of 3x3 patches (9 tokens each), the real
