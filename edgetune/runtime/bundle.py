@@ -14,8 +14,9 @@ from pathlib import Path
 from edgetune.errors import UserError
 
 # 1: plain bundles. 2: bundles that need a runtime which knows the KV prefix or the image_feature
-# decoder input (a format-1 runtime would answer without them). Export writes the lowest that fits.
-READABLE_VERSIONS = (1, 2)
+# decoder input (a format-1 runtime would answer without them). 3: bundles whose image codec is not
+# "clip", or whose decoder takes M-RoPE positions or extra inputs. Export writes the lowest that fits.
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_FILE = "manifest.json"
 KV_PREFIX_FILE = "kv_prefix.safetensors"
 GRAPH_NAMES = ("vision", "embed", "decoder")
