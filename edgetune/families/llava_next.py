@@ -37,6 +37,32 @@ class LlavaNextFamily(LlavaFamily):
     name = "llava_next"
     model_class_name = "LlavaNextForConditionalGeneration"
     image_newline = "model.image_newline"  # [hidden], appended after every row of an image's tile grid
+    processor_knobs = {
+        "image_grid_pinpoints": "the [height, width] resolutions an image may be tiled at, each a multiple "
+        "of the crop size; fewer or smaller ones mean fewer image tokens per image",
+    }
+
+    def configure_processor(self, processor: Any, knobs: dict[str, Any]) -> None:
+        from edgetune.errors import UserError
+
+        if "image_grid_pinpoints" in knobs:
+            pinpoints, crop = knobs["image_grid_pinpoints"], processor.image_processor.crop_size["height"]
+            pairs = isinstance(pinpoints, list) and pinpoints and all(
+                isinstance(p, list) and len(p) == 2 and all(isinstance(n, int) and n > 0 and n % crop == 0 for n in p)
+                for p in pinpoints
+            )
+            if not pairs:
+                raise UserError(
+                    f"model.processor.image_grid_pinpoints: expected a list of [height, width] pairs, each a "
+                    f"positive multiple of the crop size {crop} (e.g. [[{crop}, {2 * crop}], [{2 * crop}, {crop}]]); "
+                    f"got {pinpoints!r}"
+                )
+        super().configure_processor(processor, knobs)
+
+    def configure_model(self, model: Any, knobs: dict[str, Any]) -> None:
+        """The model unpacks crops by the same pinpoints the processor tiles with."""
+        if "image_grid_pinpoints" in knobs:
+            model.config.image_grid_pinpoints = knobs["image_grid_pinpoints"]
 
     # image_features (LLaVA's) maps crops [crops, 3, H, W] -> [crops, tokens per crop, hidden].
 
