@@ -113,6 +113,7 @@ def load_backbone(
     hf_model.eval()
     processor = load_processor(model.path, model.trust_remote_code)
     family.configure_processor(processor, model.processor)
+    family.configure_model(hf_model, model.processor)
     return Backbone(hf_model, processor, family)
 
 

@@ -8,9 +8,11 @@ from pathlib import Path
 from edgetune.errors import UserError
 from edgetune.families.base import ModelFamily
 from edgetune.families.llava import LlavaFamily
+from edgetune.families.llava_next import LlavaNextFamily
 
 FAMILIES: dict[str, ModelFamily] = {
     "llava": LlavaFamily(),
+    "llava_next": LlavaNextFamily(),
 }
 
 

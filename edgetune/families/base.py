@@ -8,7 +8,7 @@ only, so a new family is one file plus one line in ``edgetune.families.FAMILIES`
 
 The hooks, by stage (defaults fit LLaVA-style models; a family overrides what it does differently):
 
-    load      processor_knobs, configure_processor, keep_precise
+    load      processor_knobs, configure_processor, configure_model, keep_precise
     data      encode_sample (training inputs, loss on the answer), prompt_inputs (generation inputs)
     images    image_embeds (processor output -> the rows that replace the image tokens)
     export    vision_graph, decoder_extra_inputs / language_model_kwargs, bundle_sections,
@@ -88,6 +88,10 @@ class ModelFamily:
         """Apply the recipe's model.processor settings (already checked against processor_knobs)."""
         for knob, value in knobs.items():
             setattr(processor.image_processor, knob, value)
+
+    def configure_model(self, model: Any, knobs: dict[str, Any]) -> None:
+        """Apply the model.processor settings that the model reads too (after configure_processor);
+        none by default. They are saved with a merged model's config."""
 
     # ---- data -------------------------------------------------------------------------------
 
