@@ -14,6 +14,7 @@ many tiles each image has.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,36 @@ class Idefics3Family(ModelFamily):
     connector_output = "model.connector.modality_projection.proj"
     config_prefix = "Idefics3"  # Idefics3Config, Idefics3VisionConfig, Idefics3ImageProcessor, ...
 
+    processor_knobs = {
+        "longest_edge": "pixels of an image's longest side before it is cut into tiles (2048 in SmolVLM: up to 16 tiles + 1)",
+        "tile_size": "pixels of a tile's side, a multiple of patch size x scale factor; sets the image tokens per tile",
+        "do_image_splitting": "false: each image is one tile (the whole image at tile size), the fewest tokens",
+    }
+
     def image_token_id(self, config: Any) -> int:
         return config.image_token_id
+
+    def configure_processor(self, processor: Any, knobs: dict[str, Any]) -> None:
+        from edgetune.errors import UserError
+
+        image_processor = processor.image_processor
+        for knob in ("longest_edge", "tile_size"):
+            if knob in knobs and (type(knobs[knob]) is not int or knobs[knob] <= 0):
+                raise UserError(f"model.processor.{knob}: expected a positive whole number of pixels, got {knobs[knob]!r}")
+        if "longest_edge" in knobs:
+            image_processor.size = {"longest_edge": knobs["longest_edge"]}
+        if "do_image_splitting" in knobs:
+            if not isinstance(knobs["do_image_splitting"], bool):
+                raise UserError(f"model.processor.do_image_splitting: expected true or false, got {knobs['do_image_splitting']!r}")
+            image_processor.do_image_splitting = knobs["do_image_splitting"]
+        if "tile_size" in knobs:
+            tile = knobs["tile_size"]
+            # One image token covers (patch size x pixel-shuffle factor) pixels per side.
+            unit = image_processor.max_image_size["longest_edge"] // math.isqrt(processor.image_seq_len)
+            if tile % unit:
+                raise UserError(f"model.processor.tile_size: {tile} is not a multiple of {unit} (patch size x scale factor); try {max(unit, tile // unit * unit)}")
+            image_processor.max_image_size = {"longest_edge": tile}
+            processor.image_seq_len = (tile // unit) ** 2
 
     def image_features(self, model: Any, pixel_values: Any) -> Any:
         """Tiles [tiles, 3, T, T] -> embeddings [tiles, tokens, hidden], as get_image_features computes
@@ -57,8 +86,8 @@ class Idefics3Family(ModelFamily):
 
         transformers' vision embeddings loop over the batch to give each tile position ids from its
         own patch mask, which would fix the tile count in an ONNX trace. Every real tile is a full
-        T x T crop, so all tiles share the ids of one full mask: computed once, by the embeddings'
-        own code on a single tile, and broadcast.
+        T x T crop, so all tiles share the ids of one full mask: computed once, with the embeddings'
+        own formula, and broadcast.
         """
         vision = get_module(model, self.vision_tower)
         embeddings = vision.embeddings
@@ -67,6 +96,66 @@ class Idefics3Family(ModelFamily):
         hidden = patches + embeddings.position_embedding(positions)[None]
         hidden = vision.encoder(inputs_embeds=hidden, attention_mask=None).last_hidden_state
         return get_module(model, self.connector)(vision.post_layernorm(hidden))
+
+    def image_embeds(self, model: Any, inputs: Any) -> Any:
+        """transformers' own get_image_features on the processor's [batch, frames, 3, T, T]: padding
+        frames (all zero) are dropped, real tiles come out in prompt order."""
+        features = model.get_image_features(inputs["pixel_values"], inputs.get("pixel_attention_mask"))
+        return features.reshape(-1, features.shape[-1])
+
+    def vision_graph(self, model: Any, processor: Any) -> Any:
+        """vision.onnx: one image's tiles [tiles, 3, T, T] -> image_embeds [tiles, tokens per tile, hidden]."""
+        import torch
+        from torch.export import Dim
+
+        from edgetune.export.graphs import GraphSpec, VisionGraph
+
+        tile = processor.image_processor.max_image_size["longest_edge"]
+        return GraphSpec(
+            name="vision",
+            module=VisionGraph(self, model),
+            sample_args=(torch.randn(2, 3, tile, tile),),
+            input_names=["pixel_values"],
+            output_names=["image_embeds"],
+            dynamic_shapes=({0: Dim("tiles")},),
+        )
+
+    def bundle_sections(self, model: Any, processor: Any, model_dir: Path) -> tuple[dict, dict]:
+        """Tiling parameters for the runtime codec "idefics3" (edgetune.runtime.codecs.idefics3),
+        which rebuilds the tiles and the processor's expanded image text."""
+        import torch
+        from PIL import Image
+
+        from edgetune.errors import UserError
+        from edgetune.export.bundle import prompt_section
+
+        ip = processor.image_processor
+        tile = ip.max_image_size["longest_edge"]
+        with torch.no_grad():
+            tokens = self.image_features(model, torch.zeros(1, 3, tile, tile)).shape[1]
+        if tokens != processor.image_seq_len:
+            raise UserError(
+                f"{model_dir}/processor_config.json: image_seq_len {processor.image_seq_len} but a {tile} px tile "
+                f"gives {tokens} image tokens; set image_seq_len to {tokens}"
+            )
+        image = {
+            "codec": "idefics3",
+            "token": processor.image_token,
+            "token_id": self.image_token_id(model.config),
+            "tokens_per_tile": int(tokens),
+            "tile_token": processor.fake_image_token,
+            "global_token": "<global-img>",
+            "preprocess": {
+                "longest_edge": ip.size["longest_edge"] if ip.do_resize else None,
+                "tile_size": tile,
+                "split": bool(ip.do_image_splitting),
+                "resample": Image.Resampling(ip.resample).name.lower(),
+                "rescale_factor": ip.rescale_factor if ip.do_rescale else None,
+                "mean": list(ip.image_mean) if ip.do_normalize else None,
+                "std": list(ip.image_std) if ip.do_normalize else None,
+            },
+        }
+        return image, prompt_section(processor, processor.image_token, model_dir)
 
     def build_tiny(self, out_dir: Path) -> None:
         build_tiny_smolvlm(self.config_prefix, out_dir)
