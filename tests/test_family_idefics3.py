@@ -71,10 +71,12 @@ def test_encode_sample_labels_only_the_answer(backbone, task_dir):
     assert int((encoded["input_ids"] == backbone.processor.image_token_id).sum()) == 5 * 4
 
 
-def test_image_features_equal_transformers_own(tiny):
-    """The traceable image_features (position ids shared by all tiles) is get_image_features."""
-    model = FAMILY.model_class().from_pretrained(tiny, dtype=torch.float32).eval()
-    pixels = torch.randn(5, 3, 32, 32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_image_features_equal_transformers_own(tiny, dtype):
+    """The traceable image_features (position ids shared by all tiles) is get_image_features, in
+    bf16 too, where transformers 4.57 gives the tiles other position ids than in fp32."""
+    model = FAMILY.model_class().from_pretrained(tiny, dtype=dtype).eval()
+    pixels = torch.randn(5, 3, 32, 32, dtype=dtype)
     with torch.no_grad():
         ours = FAMILY.image_features(model, pixels)
         theirs = model.get_image_features(pixels[None])

@@ -162,8 +162,13 @@ class Idefics3Family(ModelFamily):
 
 
 class SmolVLMFamily(Idefics3Family):
-    """SmolVLM2 (model_type ``smolvlm``). Its processor class imports SmolVLMVideoProcessor, which
-    needs torchvision and num2words even for images only."""
+    """SmolVLM2 (model_type ``smolvlm``): the same model under other class names.
+
+    Not in FAMILIES yet: transformers 4.57's SmolVLMProcessor imports SmolVLMVideoProcessor, which
+    needs torchvision (and num2words) even for images, and the CPU torch build edgetune tests with
+    has no matching torchvision wheel, so neither this family's tiny model nor a real SmolVLM2
+    processor can be loaded there. Where both import, registering it is one line.
+    """
 
     name = "smolvlm"
     model_class_name = "SmolVLMForConditionalGeneration"
