@@ -168,7 +168,8 @@ def test_parity_with_images_of_different_tile_counts(chain):
     merged, vlm = load_merged(root / "merged"), OnnxVLM.load(root / "bundle")
     images = [Image.new("RGB", (48, 40), (200, 30, 30)), Image.new("RGB", (100, 40), (30, 30, 200))]
     assert [vlm.encode_image(image).tokens for image in images] == [5 * 4, 3 * 4]
-    diffs = compare_with_pytorch(merged.family, merged.model, merged.processor, vlm, images, ["What color?", "Which shape is it?"])
+    prompts = ["What color?", "Which shape is it?"]
+    diffs = compare_with_pytorch(merged.family, merged.model, merged.processor, vlm, images, prompts)
     assert max(diffs.values()) < 1e-4, diffs
 
 

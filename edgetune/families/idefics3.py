@@ -50,7 +50,7 @@ class Idefics3Family(ModelFamily):
     config_prefix = "Idefics3"  # Idefics3Config, Idefics3VisionConfig, Idefics3ImageProcessor, ...
 
     processor_knobs = {
-        "longest_edge": "pixels of an image's longest side before it is cut into tiles (2048 in SmolVLM: up to 16 tiles + 1)",
+        "longest_edge": "pixels of an image's longest side before tiling (SmolVLM: 2048, up to 16 tiles + 1)",
         "tile_size": "pixels of a tile's side, a multiple of patch size x scale factor; sets the image tokens per tile",
         "do_image_splitting": "false: each image is one tile (the whole image at tile size), the fewest tokens",
     }
@@ -64,19 +64,23 @@ class Idefics3Family(ModelFamily):
         image_processor = processor.image_processor
         for knob in ("longest_edge", "tile_size"):
             if knob in knobs and (type(knobs[knob]) is not int or knobs[knob] <= 0):
-                raise UserError(f"model.processor.{knob}: expected a positive whole number of pixels, got {knobs[knob]!r}")
+                raise UserError(f"model.processor.{knob}: expected a positive number of pixels, got {knobs[knob]!r}")
         if "longest_edge" in knobs:
             image_processor.size = {"longest_edge": knobs["longest_edge"]}
         if "do_image_splitting" in knobs:
             if not isinstance(knobs["do_image_splitting"], bool):
-                raise UserError(f"model.processor.do_image_splitting: expected true or false, got {knobs['do_image_splitting']!r}")
+                got = knobs["do_image_splitting"]
+                raise UserError(f"model.processor.do_image_splitting: expected true or false, got {got!r}")
             image_processor.do_image_splitting = knobs["do_image_splitting"]
         if "tile_size" in knobs:
             tile = knobs["tile_size"]
             # One image token covers (patch size x pixel-shuffle factor) pixels per side.
             unit = image_processor.max_image_size["longest_edge"] // math.isqrt(processor.image_seq_len)
             if tile % unit:
-                raise UserError(f"model.processor.tile_size: {tile} is not a multiple of {unit} (patch size x scale factor); try {max(unit, tile // unit * unit)}")
+                raise UserError(
+                    f"model.processor.tile_size: {tile} is not a multiple of {unit} (patch size x scale factor); "
+                    f"try {max(unit, tile // unit * unit)}"
+                )
             image_processor.max_image_size = {"longest_edge": tile}
             processor.image_seq_len = (tile // unit) ** 2
 

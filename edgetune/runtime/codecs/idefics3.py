@@ -25,7 +25,8 @@ MAX_IMAGE_SIZE = 4096  # the processor's cap on either side after the first resi
 class Idefics3Codec(Codec):
     def encode(self, image: Image.Image) -> EncodedImage:
         frames, rows, cols = tiles(image, self.image["preprocess"])
-        return EncodedImage({"pixel_values": frames}, len(frames) * self.image["tokens_per_tile"], {"rows": rows, "cols": cols})
+        tokens = len(frames) * self.image["tokens_per_tile"]
+        return EncodedImage({"pixel_values": frames}, tokens, {"rows": rows, "cols": cols})
 
     def image_text(self, encoded: EncodedImage) -> str:
         """Idefics3Processor's expansion of one "<image>": each tile behind its <row_r_col_c> marker,
@@ -55,7 +56,8 @@ def tiles(image: Image.Image, params: dict) -> tuple[np.ndarray, int, int]:
         frames = []
         if image.width > tile or image.height > tile:
             rows, cols = image.height // tile, image.width // tile
-            frames = [image.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
+            boxes = [(c * tile, r * tile, (c + 1) * tile, (r + 1) * tile) for r in range(rows) for c in range(cols)]
+            frames = [image.crop(box) for box in boxes]
             image = image.resize((tile, tile), resample)
         frames.append(image)
     normalise = {**params, "convert_rgb": False, "resize_shortest_edge": None, "crop_size": None}
