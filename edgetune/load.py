@@ -85,10 +85,15 @@ def quantization_config(quant: QuantizationSection, family: ModelFamily, compute
 
 
 def load_processor(path: str, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoProcessor
+    from transformers import AutoProcessor, AutoTokenizer
 
     # The slow image processors are the reference the torch-free runtime reproduces exactly.
-    return AutoProcessor.from_pretrained(path, use_fast=False, trust_remote_code=trust_remote_code)
+    processor = AutoProcessor.from_pretrained(path, use_fast=False, trust_remote_code=trust_remote_code)
+    if not processor.tokenizer.is_fast:
+        # use_fast=False reaches the tokenizer too where a slow class exists (SmolVLM's GPT2Tokenizer);
+        # the bundle ships the fast tokenizer's tokenizer.json, so train and export with that one.
+        processor.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return processor
 
 
 def load_backbone(

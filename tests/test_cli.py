@@ -64,7 +64,7 @@ def test_unsupported_model(write_recipe, tmp_path):
     LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                  vocab_size=64)).save_pretrained(tmp_path / "llama")
     result = run("train", write_recipe(model={"path": str(tmp_path / "llama")}), "--out", tmp_path / "run")
-    assert_user_error(result, "model.path", "llama", "supported families: llava")
+    assert_user_error(result, "model.path", "llama", "supported families: ", "llava")
     assert not (tmp_path / "run").exists()
 
 

@@ -13,7 +13,12 @@ from edgetune.recipe import load_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 # Hub id prefix -> the family its checkpoints belong to (a recipe's processor settings are the family's).
-HUB_FAMILIES = {"llava-hf/llava-1.5-": "llava", "llava-hf/llava-v1.6-": "llava_next"}
+HUB_FAMILIES = {
+    "llava-hf/llava-1.5-": "llava",
+    "llava-hf/llava-v1.6-": "llava_next",
+    "HuggingFaceTB/SmolVLM-": "idefics3",  # SmolVLM v1; SmolVLM2-* is model_type smolvlm
+    "HuggingFaceM4/Idefics3-": "idefics3",
+}
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,14 @@ from pathlib import Path
 
 from edgetune.errors import UserError
 from edgetune.families.base import ModelFamily
+from edgetune.families.idefics3 import Idefics3Family
 from edgetune.families.llava import LlavaFamily
 from edgetune.families.llava_next import LlavaNextFamily
 
 FAMILIES: dict[str, ModelFamily] = {
     "llava": LlavaFamily(),
     "llava_next": LlavaNextFamily(),
+    "idefics3": Idefics3Family(),
 }
 
 

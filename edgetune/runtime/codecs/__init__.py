@@ -5,11 +5,13 @@ from __future__ import annotations
 from edgetune.errors import UserError
 from edgetune.runtime.codecs.base import Codec, EncodedImage, positions_from_mask
 from edgetune.runtime.codecs.clip import ClipCodec
+from edgetune.runtime.codecs.idefics3 import Idefics3Codec
 from edgetune.runtime.codecs.llava_next import LlavaNextCodec
 
 CODECS: dict[str, type[Codec]] = {
     "clip": ClipCodec,
     "llava_next": LlavaNextCodec,
+    "idefics3": Idefics3Codec,
 }
 
 __all__ = ["CODECS", "Codec", "EncodedImage", "get_codec", "positions_from_mask"]
