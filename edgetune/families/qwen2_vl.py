@@ -1,0 +1,237 @@
+"""Qwen2-VL and Qwen2.5-VL: a ViT over dynamic-resolution patches, whose merger (the connector)
+joins each 2x2 block of patches into one LLM token, and a Qwen2 LLM with 3-D multimodal RoPE.
+
+An image keeps (about) its own aspect ratio and size: the image processor resizes it to multiples
+of patch_size * merge_size within [min_pixels, max_pixels] and flattens it into patches
+[t*h*w, 3 * temporal_patch * patch * patch] with ``image_grid_thw`` = (t, h, w) per image, so the
+number of image tokens, t*h*w / merge**2, differs from image to image. Positions are 3-D
+(temporal, height, width; ``get_rope_index``): text tokens advance all three together, image tokens
+take their grid coordinates, so the LLM takes position_ids [3, batch, seq].
+
+The two versions differ in the vision tower only (Qwen2.5-VL: RMSNorm, gated MLP, windowed
+attention in all blocks but ``fullatt_block_indexes``); the LLM, the processor's prompt expansion
+and the chat format are the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgetune.families.base import ModelFamily, get_module
+
+# The Qwen2-VL / Qwen2.5-VL Instruct checkpoints' chat template (ChatML; a default system turn;
+# each image is "<|vision_start|><|image_pad|><|vision_end|>", the processor expands the pad).
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# The checkpoints' special tokens, in their vocabulary order (ids 151643-151656).
+QWEN_VL_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+# Qwen2.5's tokenizer adds these as ordinary (non-special) added tokens after the special ones.
+QWEN2_5_ADDED_TOKENS = [
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+]
+
+# Tiny models: patches of 8 pixels merged 2x2, so a 48x48 image is a 6x6 patch grid = 9 tokens.
+TINY_PATCH, TINY_MERGE = 8, 2
+TINY_MIN_PIXELS, TINY_MAX_PIXELS = 32 * 32, 64 * 64
+
+
+class Qwen2VLFamily(ModelFamily):
+    name = "qwen2_vl"
+    model_class_name = "Qwen2VLForConditionalGeneration"
+    processor_class_name = "Qwen2VLProcessor"
+    vision_tower = "model.visual"
+    connector = "model.visual.merger"  # inside the vision tower: ln_q, then mlp = Linear, GELU, Linear
+    language_model = "model.language_model"
+    layers = "model.language_model.layers"
+    connector_output = "model.visual.merger.mlp.2"
+    rope = "mrope"
+    tie_word_embeddings = True  # Qwen2-VL-2B ties them; the 7B and 72B do not
+
+    def image_token_id(self, config: Any) -> int:
+        return config.image_token_id
+
+    def image_features(self, model: Any, pixel_values: Any, image_grid_thw: Any) -> Any:
+        """Patches [patches, 3*t*p*p] of any number of images -> [image tokens, hidden], the images'
+        tokens one after the other in the order of ``image_grid_thw`` (as the model's forward uses them)."""
+        visual = get_module(model, self.vision_tower)
+        return visual(pixel_values.to(visual.dtype), grid_thw=image_grid_thw)
+
+    def load_processor(self, path: str, trust_remote_code: bool = False) -> Any:
+        """The checkpoint's processor without its video processor.
+
+        transformers' Qwen2-VL processors require a video processor, and every video processor
+        requires torchvision, which has no CPU build to pair with a CPU torch. edgetune handles
+        images only, so it assembles the processor from the image processor (the slow one: the
+        runtime's reference), the tokenizer and the chat template; prompts, placeholder expansion
+        and image tensors are the real processor class's own code.
+        """
+        from transformers import AutoTokenizer, Qwen2VLImageProcessor
+
+        image_processor = Qwen2VLImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return images_only_processor_class(self.processor_class_name)(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
+        )
+
+    def vision_config(self) -> Any:
+        from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+
+        return Qwen2VLVisionConfig(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,  # the merger's output: the LLM's hidden size
+            mlp_ratio=2,
+            num_heads=2,
+            patch_size=TINY_PATCH,
+            spatial_merge_size=TINY_MERGE,
+            temporal_patch_size=2,
+        )
+
+    def added_tokens(self) -> list[str]:
+        return []
+
+    def build_tiny(self, out_dir: Path) -> None:
+        import torch
+        import transformers
+        from transformers import Qwen2TokenizerFast, Qwen2VLImageProcessor
+
+        from edgetune.families.tiny import train_byte_level_bpe
+
+        tokenizer = Qwen2TokenizerFast(
+            tokenizer_object=train_byte_level_bpe(QWEN_VL_SPECIAL_TOKENS),
+            unk_token=None,
+            bos_token=None,
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
+            errors="replace",
+            add_prefix_space=False,
+        )
+        tokenizer.add_special_tokens({"additional_special_tokens": QWEN_VL_SPECIAL_TOKENS[1:]})
+        tokenizer.add_tokens(self.added_tokens())
+        tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
+        image_processor = Qwen2VLImageProcessor(
+            min_pixels=TINY_MIN_PIXELS,
+            max_pixels=TINY_MAX_PIXELS,
+            patch_size=TINY_PATCH,
+            temporal_patch_size=2,
+            merge_size=TINY_MERGE,
+        )
+        ids = tokenizer.convert_tokens_to_ids
+        config_class = getattr(transformers, self.model_class_name.replace("ForConditionalGeneration", "Config"))
+        head_dim = 16
+        config = config_class(
+            vision_config=self.vision_config().to_dict(),
+            text_config=dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=len(tokenizer),
+                max_position_embeddings=512,
+                rope_theta=1000000.0,
+                # temporal, height, width sections of the rotary half-dim (the checkpoints: 16, 24, 24 of 64)
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                bos_token_id=ids("<|endoftext|>"),
+                eos_token_id=ids("<|im_end|>"),
+                pad_token_id=ids("<|endoftext|>"),
+                tie_word_embeddings=self.tie_word_embeddings,
+                # A trained LM head has rows large enough for confident logits; with the default
+                # 0.02 a frozen random head caps logits near +-1 and no adapter can fit the data.
+                initializer_range=0.3,
+            ),
+            image_token_id=ids("<|image_pad|>"),
+            video_token_id=ids("<|video_pad|>"),
+            vision_start_token_id=ids("<|vision_start|>"),
+            vision_end_token_id=ids("<|vision_end|>"),
+            tie_word_embeddings=self.tie_word_embeddings,
+        )
+        assert 64 // 4 == head_dim and sum(config.text_config.rope_scaling["mrope_section"]) == head_dim // 2
+        torch.manual_seed(0)
+        model = self.model_class()(config)
+        model.generation_config.bos_token_id = ids("<|endoftext|>")
+        model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
+        model.generation_config.pad_token_id = ids("<|endoftext|>")
+        model.save_pretrained(out_dir, safe_serialization=True)
+        # What the real processor's save_pretrained writes: the parts, tagged with its class name.
+        for part in (tokenizer, image_processor):
+            part._set_processor_class(self.processor_class_name)
+            part.save_pretrained(out_dir)
+        (Path(out_dir) / "chat_template.jinja").write_text(QWEN_VL_CHAT_TEMPLATE)
+
+
+class Qwen2_5_VLFamily(Qwen2VLFamily):
+    name = "qwen2_5_vl"
+    model_class_name = "Qwen2_5_VLForConditionalGeneration"
+    processor_class_name = "Qwen2_5_VLProcessor"
+    tie_word_embeddings = True  # Qwen2.5-VL-3B ties them; the 7B, 32B and 72B do not
+
+    def vision_config(self) -> Any:
+        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+
+        return Qwen2_5_VLVisionConfig(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,  # the LLM's hidden size
+            patch_size=TINY_PATCH,
+            spatial_merge_size=TINY_MERGE,
+            temporal_patch_size=2,
+            tokens_per_second=2,
+            # windows of 32 pixels = 2x2 merged tokens, so a 48x48 image has 4 windows (4, 2, 2, 1 tokens)
+            window_size=32,
+            fullatt_block_indexes=[1],
+        )
+
+    def added_tokens(self) -> list[str]:
+        return QWEN2_5_ADDED_TOKENS
+
+
+def images_only_processor_class(name: str) -> type:
+    """transformers' processor class ``name`` without the video processor among its parts."""
+    import transformers
+
+    base = getattr(transformers, name)
+    return type(name, (base,), {"attributes": ["image_processor", "tokenizer"], "__module__": base.__module__})
