@@ -86,16 +86,18 @@ class Qwen2VLFamily(ModelFamily):
     layers = "model.language_model.layers"
     connector_output = "model.visual.merger.mlp.2"
     rope = "mrope"
+    windowed = False  # Qwen2.5-VL: windowed attention in the vision tower
     tie_word_embeddings = True  # Qwen2-VL-2B ties them; the 7B and 72B do not
+
+    processor_knobs = {
+        "max_pixels": "most pixels an image is resized to (image tokens = pixels / (patch * merge)**2): the main memory knob",
+        "min_pixels": "fewest pixels an image is resized to",
+    }
 
     def image_token_id(self, config: Any) -> int:
         return config.image_token_id
 
-    def image_features(self, model: Any, pixel_values: Any, image_grid_thw: Any) -> Any:
-        """Patches [patches, 3*t*p*p] of any number of images -> [image tokens, hidden], the images'
-        tokens one after the other in the order of ``image_grid_thw`` (as the model's forward uses them)."""
-        visual = get_module(model, self.vision_tower)
-        return visual(pixel_values.to(visual.dtype), grid_thw=image_grid_thw)
+    # ---- load ---------------------------------------------------------------------------------
 
     def load_processor(self, path: str, trust_remote_code: bool = False) -> Any:
         """The checkpoint's processor without its video processor.
@@ -113,6 +115,94 @@ class Qwen2VLFamily(ModelFamily):
         return images_only_processor_class(self.processor_class_name)(
             image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
         )
+
+    def configure_processor(self, processor: Any, knobs: dict[str, Any]) -> None:
+        """min_pixels / max_pixels, kept in ``size`` too, which is what save_pretrained writes."""
+        from edgetune.errors import UserError
+
+        ip = processor.image_processor
+        for knob, value in knobs.items():
+            if not isinstance(value, int) or value <= 0:
+                raise UserError(f"model.processor.{knob}: expected a positive whole number of pixels, got {value!r}")
+            setattr(ip, knob, value)
+        if ip.min_pixels > ip.max_pixels:
+            raise UserError(f"model.processor: min_pixels {ip.min_pixels} exceeds max_pixels {ip.max_pixels}")
+        ip.size = {"shortest_edge": ip.min_pixels, "longest_edge": ip.max_pixels}
+
+    # ---- images and export --------------------------------------------------------------------
+
+    def image_embeds(self, model: Any, inputs: Any) -> Any:
+        """The merger's output for every image of ``inputs``, one image after the other."""
+        import torch
+
+        return torch.cat(model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]))
+
+    def position_ids(self, model: Any, inputs: Any) -> Any:
+        return None  # the model's own get_rope_index, as generate uses it
+
+    def vision_graph(self, model: Any, processor: Any) -> Any:
+        """One image's patches (+ the codec's index arrays) -> its tokens [t*h*w / merge**2, hidden]."""
+        import torch
+        from torch.export import Dim
+
+        from edgetune.export.graphs import GraphSpec
+        from edgetune.runtime.codecs.qwen2_vl import rotary_position_ids, window_layout
+
+        visual = get_module(model, self.vision_tower)
+        config = visual.config
+        grid = (1, 6, 8)  # a sample image of 6 x 8 patches: 12 tokens, 2 x 2 windows of Qwen2.5-VL's tiny size
+        merge = config.spatial_merge_size
+        patch_dim = config.in_channels * config.temporal_patch_size * config.patch_size**2
+        tokens = Dim("tokens")
+        patches = merge * merge * tokens
+        sample = [torch.randn(48, patch_dim), torch.from_numpy(rotary_position_ids(grid, merge))]
+        names, dims = ["pixel_values", "rotary_position_ids"], [{0: patches}, {0: patches}]
+        if self.windowed:
+            window_index, window_segments = window_layout(grid, merge, config.patch_size, config.window_size)
+            sample += [torch.from_numpy(window_index), torch.from_numpy(window_segments)]
+            names += ["window_index", "window_segments"]
+            dims += [{0: tokens}, {0: patches}]
+        return GraphSpec(
+            name="vision",
+            module=one_image_vision(visual, self.windowed),
+            sample_args=tuple(sample),
+            input_names=names,
+            output_names=["image_embeds"],
+            dynamic_shapes=tuple(dims),
+        )
+
+    def bundle_sections(self, model: Any, processor: Any, model_dir: Path) -> tuple[dict, dict]:
+        """Codec "qwen2_vl": the image processor's parameters, the vision start token that
+        get_rope_index looks for, and (Qwen2.5-VL) the window size in pixels."""
+        from PIL import Image
+
+        from edgetune.export.bundle import prompt_section
+
+        ip = processor.image_processor
+        config = get_module(model, self.vision_tower).config
+        image = {
+            "codec": "qwen2_vl",
+            "token": processor.image_token,
+            "token_id": self.image_token_id(model.config),
+            "vision_start_token_id": model.config.vision_start_token_id,
+            "window_size": config.window_size if self.windowed else None,
+            "preprocess": {
+                "convert_rgb": bool(ip.do_convert_rgb),
+                "resize": bool(ip.do_resize),
+                "min_pixels": ip.min_pixels,
+                "max_pixels": ip.max_pixels,
+                "resample": Image.Resampling(ip.resample).name.lower(),
+                "rescale_factor": ip.rescale_factor if ip.do_rescale else None,
+                "mean": list(ip.image_mean) if ip.do_normalize else None,
+                "std": list(ip.image_std) if ip.do_normalize else None,
+                "patch_size": ip.patch_size,
+                "temporal_patch_size": ip.temporal_patch_size,
+                "merge_size": ip.merge_size,
+            },
+        }
+        return image, prompt_section(processor, processor.image_token, model_dir)
+
+    # ---- tiny models ----------------------------------------------------------------------------
 
     def vision_config(self) -> Any:
         from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
@@ -205,6 +295,7 @@ class Qwen2_5_VLFamily(Qwen2VLFamily):
     name = "qwen2_5_vl"
     model_class_name = "Qwen2_5_VLForConditionalGeneration"
     processor_class_name = "Qwen2_5_VLProcessor"
+    windowed = True
     tie_word_embeddings = True  # Qwen2.5-VL-3B ties them; the 7B, 32B and 72B do not
 
     def vision_config(self) -> Any:
@@ -235,3 +326,51 @@ def images_only_processor_class(name: str) -> type:
 
     base = getattr(transformers, name)
     return type(name, (base,), {"attributes": ["image_processor", "tokenizer"], "__module__": base.__module__})
+
+
+
+def one_image_vision(visual: Any, windowed: bool) -> Any:
+    """The vision tower + merger as a torch module for one image, built on call so that this file
+    imports without torch (the runtime imports the family registry).
+
+    The tower's own forward derives rotary ids, windows and cu_seqlens from grid_thw values and
+    splits attention per window with ``.tolist()``: data-dependent shapes no exported graph can
+    hold. Here the codec's numpy arrays come in instead (rotary_position_ids; Qwen2.5-VL:
+    window_index, window_segments), and each window is an attention mask over the image's patches,
+    so the blocks run on their own weights with one scaled_dot_product_attention each.
+    """
+    import torch
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    def attention(attn: Any, hidden: Any, position_embeddings: tuple, mask: Any) -> Any:
+        seq = hidden.shape[0]
+        query, key, value = attn.qkv(hidden).reshape(seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        query, key = apply_rotary_pos_emb_vision(query, key, *position_embeddings)
+        query, key, value = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scaling)
+        return attn.proj(out.transpose(1, 2).reshape(seq, -1))
+
+    class Module(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual = visual
+
+        def forward(self, pixel_values, rotary_position_ids, window_index=None, window_segments=None):
+            unit = visual.spatial_merge_size**2
+            hidden = visual.patch_embed(pixel_values)
+            freqs = (rotary_position_ids[..., None].float() * visual.rotary_pos_emb.inv_freq).flatten(1)
+            windows = None
+            if windowed:  # patches regrouped window by window, as Qwen2.5-VL's forward does
+                hidden = hidden.reshape(-1, unit, hidden.shape[-1])[window_index].reshape(hidden.shape)
+                freqs = freqs.reshape(-1, unit, freqs.shape[-1])[window_index].reshape(freqs.shape)
+                windows = window_segments[:, None] == window_segments[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            position_embeddings = (emb.cos(), emb.sin())
+            for i, block in enumerate(visual.blocks):
+                full = not windowed or i in visual.fullatt_block_indexes  # one image: no mask at all
+                hidden = hidden + attention(block.attn, block.norm1(hidden), position_embeddings, None if full else windows)
+                hidden = hidden + block.mlp(block.norm2(hidden))
+            tokens = visual.merger(hidden)
+            return tokens[torch.argsort(window_index)] if windowed else tokens
+
+    return Module()
