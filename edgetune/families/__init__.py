@@ -8,9 +8,12 @@ from pathlib import Path
 from edgetune.errors import UserError
 from edgetune.families.base import ModelFamily
 from edgetune.families.llava import LlavaFamily
+from edgetune.families.qwen2_vl import Qwen2_5_VLFamily, Qwen2VLFamily
 
 FAMILIES: dict[str, ModelFamily] = {
     "llava": LlavaFamily(),
+    "qwen2_vl": Qwen2VLFamily(),
+    "qwen2_5_vl": Qwen2_5_VLFamily(),
 }
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from edgetune.errors import UserError
 from edgetune.runtime.codecs.base import Codec, EncodedImage, positions_from_mask
 from edgetune.runtime.codecs.clip import ClipCodec
+from edgetune.runtime.codecs.qwen2_vl import Qwen2VLCodec
 
 CODECS: dict[str, type[Codec]] = {
     "clip": ClipCodec,
+    "qwen2_vl": Qwen2VLCodec,
 }
 
 __all__ = ["CODECS", "Codec", "EncodedImage", "get_codec", "positions_from_mask"]
