@@ -204,7 +204,7 @@ class Qwen2VLFamily(ModelFamily):
 
     # ---- tiny models ----------------------------------------------------------------------------
 
-    def vision_config(self) -> Any:
+    def tiny_vision_config(self) -> Any:
         from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 
         return Qwen2VLVisionConfig(
@@ -218,7 +218,7 @@ class Qwen2VLFamily(ModelFamily):
             temporal_patch_size=2,
         )
 
-    def added_tokens(self) -> list[str]:
+    def tiny_added_tokens(self) -> list[str]:
         return []
 
     def build_tiny(self, out_dir: Path) -> None:
@@ -238,7 +238,7 @@ class Qwen2VLFamily(ModelFamily):
             add_prefix_space=False,
         )
         tokenizer.add_special_tokens({"additional_special_tokens": QWEN_VL_SPECIAL_TOKENS[1:]})
-        tokenizer.add_tokens(self.added_tokens())
+        tokenizer.add_tokens(self.tiny_added_tokens())
         tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
         image_processor = Qwen2VLImageProcessor(
             min_pixels=TINY_MIN_PIXELS,
@@ -249,9 +249,8 @@ class Qwen2VLFamily(ModelFamily):
         )
         ids = tokenizer.convert_tokens_to_ids
         config_class = getattr(transformers, self.model_class_name.replace("ForConditionalGeneration", "Config"))
-        head_dim = 16
         config = config_class(
-            vision_config=self.vision_config().to_dict(),
+            vision_config=self.tiny_vision_config().to_dict(),
             text_config=dict(
                 hidden_size=64,
                 intermediate_size=128,
@@ -261,7 +260,7 @@ class Qwen2VLFamily(ModelFamily):
                 vocab_size=len(tokenizer),
                 max_position_embeddings=512,
                 rope_theta=1000000.0,
-                # temporal, height, width sections of the rotary half-dim (the checkpoints: 16, 24, 24 of 64)
+                # temporal, height, width shares of the rotary half-dim: 8 of head_dim 16 (the checkpoints: 16, 24, 24 of 64)
                 rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
                 bos_token_id=ids("<|endoftext|>"),
                 eos_token_id=ids("<|im_end|>"),
@@ -277,7 +276,6 @@ class Qwen2VLFamily(ModelFamily):
             vision_end_token_id=ids("<|vision_end|>"),
             tie_word_embeddings=self.tie_word_embeddings,
         )
-        assert 64 // 4 == head_dim and sum(config.text_config.rope_scaling["mrope_section"]) == head_dim // 2
         torch.manual_seed(0)
         model = self.model_class()(config)
         model.generation_config.bos_token_id = ids("<|endoftext|>")
@@ -298,7 +296,7 @@ class Qwen2_5_VLFamily(Qwen2VLFamily):
     windowed = True
     tie_word_embeddings = True  # Qwen2.5-VL-3B ties them; the 7B, 32B and 72B do not
 
-    def vision_config(self) -> Any:
+    def tiny_vision_config(self) -> Any:
         from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 
         return Qwen2_5_VLVisionConfig(
@@ -316,7 +314,7 @@ class Qwen2_5_VLFamily(Qwen2VLFamily):
             fullatt_block_indexes=[1],
         )
 
-    def added_tokens(self) -> list[str]:
+    def tiny_added_tokens(self) -> list[str]:
         return QWEN2_5_ADDED_TOKENS
 
 
