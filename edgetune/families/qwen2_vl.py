@@ -112,9 +112,10 @@ class Qwen2VLFamily(ModelFamily):
 
         image_processor = Qwen2VLImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        return images_only_processor_class(self.processor_class_name)(
-            image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
-        )
+        processor_class = images_only_processor_class(self.processor_class_name)
+        # The processor's own template file (chat_template.jinja, or the older chat_template.json) first.
+        chat_template = processor_class.get_processor_dict(path)[0].get("chat_template") or tokenizer.chat_template
+        return processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
 
     def configure_processor(self, processor: Any, knobs: dict[str, Any]) -> None:
         """min_pixels / max_pixels, kept in ``size`` too, which is what save_pretrained writes."""
