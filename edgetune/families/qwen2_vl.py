@@ -156,7 +156,7 @@ class Qwen2VLFamily(ModelFamily):
         patch_dim = config.in_channels * config.temporal_patch_size * config.patch_size**2
         tokens = Dim("tokens")
         patches = merge * merge * tokens
-        sample = [torch.randn(48, patch_dim), torch.from_numpy(rotary_position_ids(grid, merge))]
+        sample = [torch.randn(grid[1] * grid[2], patch_dim), torch.from_numpy(rotary_position_ids(grid, merge))]
         names, dims = ["pixel_values", "rotary_position_ids"], [{0: patches}, {0: patches}]
         if self.windowed:
             window_index, window_segments = window_layout(grid, merge, config.patch_size, config.window_size)
