@@ -116,7 +116,7 @@ def load_backbone(
     keep_4bit_layout_trainable(hf_model)
     hf_model.requires_grad_(False)
     hf_model.eval()
-    processor = load_processor(model.path, model.trust_remote_code)
+    processor = family.load_processor(model.path, model.trust_remote_code)
     family.configure_processor(processor, model.processor)
     family.configure_model(hf_model, model.processor)
     return Backbone(hf_model, processor, family)

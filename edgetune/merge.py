@@ -141,7 +141,6 @@ class Merged:
 def load_merged(model_dir: Path) -> Merged:
     """A merged directory (or any plain model directory) as export and evaluation use it."""
     from edgetune.families import family_of_model_dir
-    from edgetune.load import load_processor
     from edgetune.recipe import MethodSection
 
     model_dir = Path(model_dir)
@@ -154,4 +153,4 @@ def load_merged(model_dir: Path) -> Merged:
         config = MethodSection.model_validate(provenance["recipe"]["method"])
         method = get_method(config, str(provenance_file))
         model = method.load(model, family, config, model_dir / METHOD_DIR).eval()
-    return Merged(model, load_processor(str(model_dir)), family, method, provenance)
+    return Merged(model, family.load_processor(str(model_dir)), family, method, provenance)

@@ -10,10 +10,13 @@ from edgetune.families.base import ModelFamily
 from edgetune.families.idefics3 import Idefics3Family
 from edgetune.families.llava import LlavaFamily
 from edgetune.families.llava_next import LlavaNextFamily
+from edgetune.families.qwen2_vl import Qwen2_5_VLFamily, Qwen2VLFamily
 
 FAMILIES: dict[str, ModelFamily] = {
     "llava": LlavaFamily(),
     "llava_next": LlavaNextFamily(),
+    "qwen2_vl": Qwen2VLFamily(),
+    "qwen2_5_vl": Qwen2_5_VLFamily(),
     "idefics3": Idefics3Family(),
 }
 

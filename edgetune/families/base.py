@@ -8,7 +8,7 @@ only, so a new family is one file plus one line in ``edgetune.families.FAMILIES`
 
 The hooks, by stage (defaults fit LLaVA-style models; a family overrides what it does differently):
 
-    load      processor_knobs, configure_processor, configure_model, keep_precise
+    load      load_processor, processor_knobs, configure_processor, configure_model, keep_precise
     data      encode_sample (training inputs, loss on the answer), prompt_inputs (generation inputs)
     images    image_embeds (processor output -> the rows that replace the image tokens)
     export    vision_graph, decoder_extra_inputs / language_model_kwargs, bundle_sections,
@@ -83,6 +83,12 @@ class ModelFamily:
         return rf"^{re.escape(self.layers)}\.{layers}\.{parts}\.({'|'.join(names)})$"
 
     # ---- load ---------------------------------------------------------------------------------
+
+    def load_processor(self, path: str, trust_remote_code: bool = False) -> Any:
+        """The checkpoint's processor, with the slow image processor (the runtime's reference)."""
+        from edgetune.load import load_processor
+
+        return load_processor(path, trust_remote_code)
 
     def configure_processor(self, processor: Any, knobs: dict[str, Any]) -> None:
         """Apply the recipe's model.processor settings (already checked against processor_knobs)."""
