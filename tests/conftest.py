@@ -6,6 +6,12 @@ from __future__ import annotations
 import pytest
 
 from edgetune.families import FAMILIES
+from edgetune.methods import METHODS
+
+# The methods of the family x method matrix: every registered one, plus LLaMA-Adapter's
+# multimodal variant.
+VARIANTS = {name: {"name": name} for name in sorted(METHODS)}
+VARIANTS["llama_adapter-visual"] = {"name": "llama_adapter", "visual_prompt": True}
 
 # Python source to put first in a `python -c` script: from then on importing torch or transformers
 # fails, as on a device that only has the runtime installed.
@@ -78,3 +84,29 @@ def make_recipe(path, model_dir, task, **sections):
 def write_recipe(tiny_llava_dir, task_dir, tmp_path):
     """make_recipe into this test's tmp_path; returns the recipe's path."""
     return lambda **sections: make_recipe(tmp_path / "recipe.yaml", tiny_llava_dir, task_dir, **sections)
+
+
+@pytest.fixture(scope="session")
+def pipeline(tiny_model_dir, task_dir, tmp_path_factory):
+    """(family, variant) -> (recipe, train result, merge report, manifest, root): 30 training steps,
+    dequantize-then-merge and export, each pair built once per session (per xdist worker; the
+    tests of one pair share an xdist group). root holds run/, merged/ and bundle/."""
+    from edgetune.export import export_bundle
+    from edgetune.merge import dequantize_then_merge
+    from edgetune.recipe import load_recipe
+    from edgetune.train import train
+
+    built = {}
+
+    def build(family, variant):
+        if (family, variant) not in built:
+            root = tmp_path_factory.mktemp(f"{family}-{variant}")
+            recipe = load_recipe(make_recipe(root / "recipe.yaml", tiny_model_dir(family), task_dir, method=VARIANTS[variant],
+                                             train={"max_steps": 30, "lr": 3e-3, "batch_size": 8}))
+            result = train(recipe, root / "run")
+            merge = dequantize_then_merge(root / "run", root / "merged")
+            manifest = export_bundle(root / "merged", root / "bundle")
+            built[family, variant] = recipe, result, merge, manifest, root
+        return built[family, variant]
+
+    return build

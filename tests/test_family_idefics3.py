@@ -134,21 +134,13 @@ def test_processor_knobs_change_tiles_and_unknown_ones_are_named(tiny, task_dir,
         loaded({"tile_size": 20})
 
 
-@pytest.fixture(scope="module")
-def chain(tiny, task_dir, tmp_path_factory):
-    """LoRA for 30 steps -> dequantize-then-merge -> export, once for the module."""
-    from edgetune.export import export_bundle
-    from edgetune.merge import dequantize_then_merge
-    from edgetune.train import train
-
-    root = tmp_path_factory.mktemp("idefics3-chain")
-    recipe = load_recipe(make_recipe(root / "recipe.yaml", tiny, task_dir, train={"max_steps": 30, "batch_size": 8}))
-    result = train(recipe, root / "run")
-    merge = dequantize_then_merge(root / "run", root / "merged")
-    manifest = export_bundle(root / "merged", root / "bundle")
-    return recipe, result, merge, manifest, root
+@pytest.fixture
+def chain(pipeline):
+    """LoRA for 30 steps -> dequantize-then-merge -> export: the matrix's idefics3-lora pair."""
+    return pipeline("idefics3", "lora")
 
 
+@pytest.mark.xdist_group("idefics3-lora")
 def test_training_lowers_the_loss_and_merge_export_match_pytorch(chain):
     _, result, merge, manifest, _ = chain
     assert result.final_loss < 0.75 * result.first_loss
@@ -157,6 +149,7 @@ def test_training_lowers_the_loss_and_merge_export_match_pytorch(chain):
     assert max(check["max_abs_diff"] for check in manifest["parity"]["checks"]) < 1e-4
 
 
+@pytest.mark.xdist_group("idefics3-lora")
 def test_parity_with_images_of_different_tile_counts(chain):
     """The export's parity images both become 2 x 2 tiles here; a batch of 5 and 3 tiles (the
     processor pads the second with zero frames) must match as well."""
@@ -181,6 +174,7 @@ print(json.dumps([vlm.generate_ids(image, question, max_new_tokens=8) for image,
 """
 
 
+@pytest.mark.xdist_group("idefics3-lora")
 def test_runtime_greedy_tokens_equal_generate_with_and_without_torch(chain):
     from edgetune.merge import load_merged
     from edgetune.runtime import OnnxVLM

@@ -16,14 +16,12 @@ from PIL import Image, ImageDraw
 
 from edgetune.data import Sample, collate, load_samples, open_image, prompt_text
 from edgetune.errors import UserError
-from edgetune.export import export_bundle
 from edgetune.export.bundle import parity_image
 from edgetune.families import FAMILIES
 from edgetune.load import load_backbone
-from edgetune.merge import dequantize_then_merge, load_merged
+from edgetune.merge import load_merged
 from edgetune.recipe import load_recipe
 from edgetune.runtime import OnnxVLM
-from edgetune.train import train
 from tests.conftest import TORCH_BLOCKER, make_recipe
 
 FAMILY = FAMILIES["llava_next"]
@@ -50,16 +48,10 @@ def backbone(tiny_dir, task_dir, tmp_path_factory):
     return load_backbone(recipe.model, recipe.quantization, CPU, torch.float32)
 
 
-@pytest.fixture(scope="module")
-def chain(tiny_dir, task_dir, tmp_path_factory):
-    """LoRA, 30 steps on the built-in task, merged and exported."""
-    root = tmp_path_factory.mktemp("chain")
-    recipe = recipe_at(root / "recipe.yaml", tiny_dir, task_dir,
-                       train={"max_steps": 30, "lr": 3e-3, "batch_size": 8})
-    result = train(recipe, root / "run")
-    merge = dequantize_then_merge(root / "run", root / "merged")
-    manifest = export_bundle(root / "merged", root / "bundle")
-    return recipe, result, merge, manifest, root
+@pytest.fixture
+def chain(pipeline):
+    """LoRA, 30 steps on the built-in task, merged and exported: the matrix's llava_next-lora pair."""
+    return pipeline("llava_next", "lora")
 
 
 def noise_image(width, height, seed=0):
@@ -111,6 +103,7 @@ def test_a_batch_of_differently_sized_images_equals_each_alone(backbone, tmp_pat
             assert float((together[i, : len(alone)] - alone).abs().max()) < 1e-4, i
 
 
+@pytest.mark.xdist_group("llava_next-lora")
 def test_runtime_crops_and_token_counts_equal_the_hf_processor(chain):
     """The codec's crops equal LlavaNextImageProcessor's exactly, and its token counts the ones
     LlavaNextProcessor expands "<image>" to, for square, wide, tall, tiny and large images."""
@@ -132,11 +125,13 @@ def test_runtime_crops_and_token_counts_equal_the_hf_processor(chain):
     assert len(counts) >= 5  # the token count follows the image's size
 
 
+@pytest.mark.xdist_group("llava_next-lora")
 def test_training_lowers_the_loss(chain):
     _, result, *_ = chain
     assert result.final_loss < 0.5 * result.first_loss
 
 
+@pytest.mark.xdist_group("llava_next-lora")
 def test_merge_and_export_match_pytorch(chain):
     """Parity covers batch 1 and a left-padded batch 2 whose images differ in size and token count."""
     _, _, merge, manifest, root = chain
@@ -150,6 +145,7 @@ def test_merge_and_export_match_pytorch(chain):
     assert [o["name"] for o in manifest["graphs"]["vision"]["outputs"]] == ["image_embeds", "image_newline"]
 
 
+@pytest.mark.xdist_group("llava_next-lora")
 def test_runtime_greedy_tokens_equal_generate(chain):
     recipe, *_, root = chain
     merged, vlm = load_merged(root / "merged"), OnnxVLM.load(root / "bundle", threads=2)
@@ -170,6 +166,7 @@ print(json.dumps(OnnxVLM.load(sys.argv[1]).generate_ids(sys.argv[2], sys.argv[3]
 """
 
 
+@pytest.mark.xdist_group("llava_next-lora")
 def test_bundle_runs_with_torch_blocked(chain, tmp_path):
     """A wide image (1x3 tiles, unpadded columns) on the device side, torch and transformers unimportable."""
     *_, root = chain

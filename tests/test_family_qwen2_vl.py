@@ -26,7 +26,8 @@ FAMILY_NAMES = ["qwen2_vl", "qwen2_5_vl"]
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", params=FAMILY_NAMES)
+# Every test of one family runs on the xdist worker that builds the matrix's <family>-lora pair.
+@pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.xdist_group(f"{n}-lora")) for n in FAMILY_NAMES])
 def family(request):
     return FAMILIES[request.param]
 
@@ -137,24 +138,15 @@ def test_mrope_positions_equal_get_rope_index_with_left_padding(frozen_model, pr
 # ---- the chain: LoRA, merge, export, runtime ------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def chain(family, model_dir, task_dir, tmp_path_factory):
-    from edgetune.export import export_bundle
-    from edgetune.merge import dequantize_then_merge
-    from edgetune.train import train
-
-    root = tmp_path_factory.mktemp(f"chain-{family.name}")
-    recipe = load_recipe(make_recipe(root / "recipe.yaml", model_dir, task_dir,
-                                     train={"max_steps": 20, "lr": 3e-3, "batch_size": 4}))
-    result = train(recipe, root / "run")
-    merge = dequantize_then_merge(root / "run", root / "merged")
-    manifest = export_bundle(root / "merged", root / "bundle")
-    return recipe, result, merge, manifest, root
+@pytest.fixture
+def chain(family, pipeline):
+    """LoRA for 30 steps -> dequantize-then-merge -> export: the matrix's <family>-lora pair."""
+    return pipeline(family.name, "lora")
 
 
 def test_lora_lowers_the_loss_and_merges_exactly(chain):
     _, result, merge, _, _ = chain
-    assert result.final_loss < 0.75 * result.first_loss  # 20 steps: about 0.55 (Qwen2-VL) and 0.67 (Qwen2.5-VL)
+    assert result.final_loss < 0.75 * result.first_loss
     assert merge.max_logit_diff < 1e-4
 
 

@@ -18,13 +18,11 @@ from edgetune.data import collate, load_samples
 from edgetune.errors import UserError
 from edgetune.families import FAMILIES
 from edgetune.load import load_backbone
-from edgetune.methods import METHODS, get_method
+from edgetune.methods import get_method
 from edgetune.recipe import MethodSection, load_recipe
 from edgetune.train import EncodedDataset, train
-from tests.conftest import TORCH_BLOCKER, make_recipe
+from tests.conftest import TORCH_BLOCKER, VARIANTS, make_recipe
 
-VARIANTS = {name: {"name": name} for name in sorted(METHODS)}
-VARIANTS["llama_adapter-visual"] = {"name": "llama_adapter", "visual_prompt": True}
 CPU = torch.device("cpu")
 
 
@@ -128,20 +126,12 @@ def test_save_then_load_reproduces_outputs(family, name, tmp_path, tiny_model_di
     assert float((got - expected).abs().max()) < 1e-5
 
 
-@pytest.fixture(scope="module", params=[
+@pytest.fixture(params=[
     pytest.param((f, v), id=f"{f}-{v}", marks=pytest.mark.xdist_group(f"{f}-{v}")) for f, v in SUPPORTED_PAIRS
 ])
-def trained_and_exported(request, tiny_model_dir, task_dir, tmp_path_factory):
-    from edgetune.export import export_bundle
-    from edgetune.merge import dequantize_then_merge
-
+def trained_and_exported(request, pipeline):
     family, name = request.param
-    root = tmp_path_factory.mktemp(f"{family}-{name}")
-    recipe = recipe_for(family, name, root, tiny_model_dir, task_dir)
-    result = train(recipe, root / "run")
-    merge = dequantize_then_merge(root / "run", root / "merged")
-    manifest = export_bundle(root / "merged", root / "bundle")
-    return f"{family}-{name}", recipe, result, merge, manifest, root
+    return f"{family}-{name}", *pipeline(family, name)
 
 
 def test_a_few_steps_lower_the_loss(trained_and_exported):
@@ -195,9 +185,13 @@ print(json.dumps(OnnxVLM.load(sys.argv[1]).generate_ids(sys.argv[2], sys.argv[3]
 """
 
 
+@pytest.mark.parametrize("trained_and_exported", [
+    pytest.param(("llava", v), id=f"llava-{v}", marks=pytest.mark.xdist_group(f"llava-{v}")) for f, v in SUPPORTED_PAIRS if f == "llava"
+], indirect=True)
 def test_bundle_runs_with_torch_blocked(trained_and_exported):
     """Each method's bundle shape (plain, traced modules, image_feature input, KV prefix) on the
-    device side: same tokens with torch and transformers unimportable."""
+    device side: same tokens with torch and transformers unimportable. On LLaVA; every family's
+    own codec is checked the same way in its tests/test_family_*.py."""
     import json
     import subprocess
     import sys

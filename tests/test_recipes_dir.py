@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgetune.families import FAMILIES
 from edgetune.load import detect_family
 from edgetune.methods import get_method
 from edgetune.recipe import load_recipe
