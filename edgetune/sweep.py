@@ -70,7 +70,8 @@ def run_sweep(recipe: Recipe, methods: list[str], seeds: int, connectors: list[b
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already exists and is not empty; choose another --out or remove it")
     for method in methods:  # every problem before the first run, not after an hour of training
-        get_method(method_recipe(recipe, method, True, 0).method).check_family(_family(recipe))
+        config = method_recipe(recipe, method, True, 0).method
+        get_method(config).check_family(_family(recipe), config)
     held_out = load_samples(recipe.data.eval)
     runs: list[SweepRun] = []
     total = len(methods) * len(connectors) * seeds

@@ -135,7 +135,7 @@ def autocast(device: torch.device, dtype: torch.dtype):
 def train(recipe: Recipe, run_dir: Path, overwrite: bool = False) -> TrainResult:
     """Fine-tune per ``recipe`` and write the run directory described in the module docstring."""
     method = get_method(recipe.method)
-    method.check_family(detect_family(recipe.model)[0])  # before any work: can this family train and export it?
+    method.check_family(detect_family(recipe.model)[0], recipe.method)  # before any work: can this family train and export it?
     train_samples = load_samples(recipe.data.train)
     eval_samples = load_samples(recipe.data.eval) if recipe.data.eval else []
     with atomic_output_dir(run_dir, overwrite) as scratch:

@@ -3,7 +3,10 @@ exactly as a user's local model directory would be."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 from edgetune.families import FAMILIES
 from edgetune.methods import METHODS
@@ -12,6 +15,9 @@ from edgetune.methods import METHODS
 # multimodal variant.
 VARIANTS = {name: {"name": name} for name in sorted(METHODS)}
 VARIANTS["llama_adapter-visual"] = {"name": "llama_adapter", "visual_prompt": True}
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # one core per xdist worker; tiny models gain nothing from more
 
 # Python source to put first in a `python -c` script: from then on importing torch or transformers
 # fails, as on a device that only has the runtime installed.

@@ -38,6 +38,7 @@ class ModelFamily:
     key_value_linears: tuple[str, ...] = ("k_proj", "v_proj")  # IA3 rescales their outputs
     mlp_output_linear: str = "down_proj"  # IA3 rescales its input: the MLP's inner activations
     connector_output: str | None = None  # the connector's last nn.Linear (AdaLink folds into it)
+    connector_row_per_image: bool = True  # False: the connector sees crops or tiles, several per image
     rope: str = "1d"  # "1d": position_ids [batch, seq]; "mrope": [3, batch, seq] (Qwen2-VL)
     # Recipe model.processor.<knob> settings this family's processor takes -> what each sets.
     processor_knobs: dict[str, str] = {}

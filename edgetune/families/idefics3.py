@@ -41,6 +41,7 @@ SPECIAL_TOKENS = [
 
 class Idefics3Family(ModelFamily):
     name = "idefics3"
+    connector_row_per_image = False  # one row per tile (and the global image)
     model_class_name = "Idefics3ForConditionalGeneration"
     vision_tower = "model.vision_model"
     connector = "model.connector"

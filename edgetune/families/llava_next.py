@@ -35,6 +35,7 @@ MISTRAL_CHAT_TEMPLATE = (
 
 class LlavaNextFamily(LlavaFamily):
     name = "llava_next"
+    connector_row_per_image = False  # one row per crop (and the base image)
     model_class_name = "LlavaNextForConditionalGeneration"
     image_newline = "model.image_newline"  # [hidden], appended after every row of an image's tile grid
     processor_knobs = {

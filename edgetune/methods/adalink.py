@@ -47,7 +47,7 @@ class AdaLinkMethod(OwnMethod):
     options = frozenset({"rank"})
     export_as = "merged"
 
-    def check_family(self, family: ModelFamily) -> None:
+    def check_family(self, family: ModelFamily, config: MethodSection) -> None:
         if family.connector_output is None:
             raise UserError(
                 f"method 'adalink' cannot be exported for '{family.name}' models: their connector does not end "

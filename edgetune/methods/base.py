@@ -28,7 +28,7 @@ class PeftMethod:
     export_as: str = "merged"
     identity_at_init: bool = True  # at step 0 the adapted model equals the frozen model
 
-    def check_family(self, family: ModelFamily) -> None:
+    def check_family(self, family: ModelFamily, config: MethodSection) -> None:
         """Raise UserError, before any training, if this method cannot train or export on ``family``."""
 
     def attach(self, model: Any, family: ModelFamily, config: MethodSection) -> Any:

@@ -112,11 +112,16 @@ class LlamaAdapterMethod(OwnMethod):
     options = frozenset({"prompt_len", "layers", "visual_prompt"})
     export_as = "graph"
 
-    def check_family(self, family: ModelFamily) -> None:
+    def check_family(self, family: ModelFamily, config: MethodSection) -> None:
         if family.rope != "1d":
             raise UserError(
                 f"method 'llama_adapter' does not support '{family.name}' models yet: their {family.rope} rotary "
                 "positions are not implemented for the adaption prompts; choose another method"
+            )
+        if config.visual_prompt and not family.connector_row_per_image:
+            raise UserError(
+                f"method.visual_prompt: '{family.name}' models pass each image through the connector as several "
+                "crops or tiles, and the visual prompt needs one global feature per image; set visual_prompt: false"
             )
 
     def add_modules(self, model: Any, family: ModelFamily, config: MethodSection) -> None:
