@@ -16,6 +16,9 @@ from typing import Callable, List, Optional
 import typer
 
 from edgetune.errors import UserError
+from edgetune.families import FAMILIES
+
+FAMILY_NAMES = ", ".join(sorted(FAMILIES))
 
 app = typer.Typer(
     help="Fine-tune a multimodal LLM on a 4-bit backbone, merge, export to ONNX, run it offline.",
@@ -66,7 +69,7 @@ def user_errors(command: Callable) -> Callable:
 @user_errors
 def quickstart(
     out: Path = typer.Option(Path("quickstart-out"), "--out", help="Directory for everything the quickstart makes."),
-    family: str = typer.Option("llava", "--family", help="Model family of the tiny model."),
+    family: str = typer.Option("llava", "--family", help=f"Model family of the tiny model: {FAMILY_NAMES}."),
     steps: int = typer.Option(800, "--steps", help="Training steps."),
 ) -> None:
     """Run the whole chain offline on a tiny model and a built-in task: train, merge, export, answer with ONNX."""
@@ -192,7 +195,7 @@ def eval_(
 @app.command("tiny-model")
 @user_errors
 def tiny_model(
-    family: str = typer.Argument(..., help="Model family, as transformers spells its model_type (e.g. llava)."),
+    family: str = typer.Argument(..., help=f"Model family, as transformers spells its model_type: {FAMILY_NAMES}."),
     out: Path = typer.Option(..., "--out", help="Directory to write the model to."),
 ) -> None:
     """Write an offline tiny random-weight model (config, safetensors, tokenizer, processor)."""
