@@ -65,9 +65,10 @@ class PaliGemmaFamily(ModelFamily):
         """
         from transformers import AutoImageProcessor, AutoTokenizer, PaliGemmaProcessor
 
+        remote = {"trust_remote_code": trust_remote_code}
         return PaliGemmaProcessor(
-            image_processor=AutoImageProcessor.from_pretrained(path, use_fast=False, trust_remote_code=trust_remote_code),
-            tokenizer=AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code),
+            image_processor=AutoImageProcessor.from_pretrained(path, use_fast=False, **remote),
+            tokenizer=AutoTokenizer.from_pretrained(path, **remote),
         )
 
     # ---- data -------------------------------------------------------------------------------
@@ -113,6 +114,9 @@ class PaliGemmaFamily(ModelFamily):
         hidden = get_module(model, self.vision_tower)(pixel_values).last_hidden_state
         features = get_module(model, self.connector)(hidden)
         return features / (self.text_config(model.config).hidden_size**0.5)
+
+    def connector_output_scale(self, config: Any) -> float:
+        return self.text_config(config).hidden_size**-0.5
 
     # ---- export -----------------------------------------------------------------------------
 
