@@ -65,6 +65,16 @@ def test_nf4_quantizes_the_llm_linears_only(recipe):
     assert model.lm_head.weight is model.get_input_embeddings().weight  # tied, kept precise
 
 
+def test_image_features_equal_transformers_own(model_dir):
+    """The traceable image_features (what vision.onnx exports) is get_image_features, / sqrt(hidden) included."""
+    model = FAMILY.model_class().from_pretrained(model_dir, dtype=torch.float32).eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ours, theirs = FAMILY.image_features(model, pixels), model.model.get_image_features(pixels)
+    assert ours.shape == (3, 16, model.config.text_config.hidden_size)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
 def test_encode_sample_labels_the_answer_only(recipe, processor):
     sample = load_samples(recipe.data.train)[0]
     encoded = FAMILY.encode_sample(processor, sample, recipe.data.max_length)
