@@ -24,6 +24,10 @@ from edgetune.families.base import ModelFamily, get_module
 
 IMAGE_TOKEN = "<image>"
 
+# The processor tokenizes the answer on its own (no leading space), as Gemma's tokenizer has the bare
+# words: with them the built-in task's answers are one token each, as they are for the real model.
+ANSWER_WORDS = "red\ngreen\nblue\nyellow\npurple\norange\nwhite\nblack\ncircle\nsquare\ntriangle"
+
 
 def prompt_text(question: str, images: int = 1) -> str:
     """The text PaliGemmaProcessor turns into "<image>" * N + "<bos>" + question + "\\n"."""
@@ -218,11 +222,11 @@ class PaliGemmaFamily(ModelFamily):
             SiglipVisionConfig,
         )
 
-        from edgetune.families.tiny import train_byte_level_bpe
+        from edgetune.families.tiny import CORPUS, train_byte_level_bpe
 
         # Gemma's special tokens, in Gemma's order (pad 0, eos 1, bos 2, unk 3).
         tokenizer = GemmaTokenizerFast(
-            tokenizer_object=train_byte_level_bpe(["<pad>", "<eos>", "<bos>", "<unk>"]),
+            tokenizer_object=train_byte_level_bpe(["<pad>", "<eos>", "<bos>", "<unk>"], corpus=CORPUS + [ANSWER_WORDS]),
             unk_token="<unk>",
             bos_token="<bos>",
             eos_token="<eos>",
