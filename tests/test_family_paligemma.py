@@ -1,7 +1,7 @@
 """PaliGemma through the whole chain on its tiny model: NF4 placement, answer-only labels with the
 prefix-LM mask, LoRA training, dequantize-then-merge, export parity and the torch-free runtime.
 
-One LoRA run (30 steps), merge and export are shared by the module's tests."""
+The chain tests share the matrix's paligemma-lora pair (conftest.pipeline: 30 steps, merge, export)."""
 
 from __future__ import annotations
 
@@ -42,18 +42,10 @@ def processor(model_dir):
     return FAMILY.load_processor(str(model_dir))
 
 
-@pytest.fixture(scope="module")
-def chain(recipe, tmp_path_factory):
-    """(train result, merge report, export manifest, out dir) of one LoRA run."""
-    from edgetune.export.bundle import export_bundle
-    from edgetune.merge import dequantize_then_merge
-    from edgetune.train import train
-
-    out = tmp_path_factory.mktemp("paligemma-chain")
-    result = train(recipe, out / "run")
-    report = dequantize_then_merge(out / "run", out / "merged")
-    manifest = export_bundle(out / "merged", out / "bundle")
-    return result, report, manifest, out
+@pytest.fixture
+def chain(pipeline):
+    """(recipe, train result, merge report, manifest, root with run/, merged/, bundle/)."""
+    return pipeline("paligemma", "lora")
 
 
 def test_nf4_quantizes_the_llm_linears_only(recipe):
@@ -114,17 +106,21 @@ def test_training_batches_keep_the_prompt_bidirectional_and_the_answer_causal(re
     assert change(last)[:last].max() == 0  # nothing before the last answer token sees it
 
 
+@pytest.mark.xdist_group("paligemma-lora")
 def test_training_lowers_the_loss(chain):
-    result = chain[0]
+    _, result, *_ = chain
     assert result.final_loss < 0.75 * result.first_loss
 
 
+@pytest.mark.xdist_group("paligemma-lora")
 def test_dequantize_then_merge_reproduces_the_trained_model(chain):
-    assert chain[1].max_logit_diff < 1e-4
+    _, _, merge, *_ = chain
+    assert merge.max_logit_diff < 1e-4
 
 
+@pytest.mark.xdist_group("paligemma-lora")
 def test_export_passes_parity_with_batch_1_and_2(chain):
-    manifest = chain[2]
+    *_, manifest, _ = chain
     checks = manifest["parity"]["checks"]
     assert {c["inputs"].split(",")[0] for c in checks} == {"batch 1", "batch 2"}
     assert max(c["max_abs_diff"] for c in checks) < 1e-4
@@ -132,10 +128,12 @@ def test_export_passes_parity_with_batch_1_and_2(chain):
     assert "token_type_ids" in [value["name"] for value in manifest["graphs"]["decoder"]["inputs"]]
 
 
+@pytest.mark.xdist_group("paligemma-lora")
 def test_codec_pixels_equal_the_processors(chain, processor):
     from edgetune.runtime import OnnxVLM
 
-    vlm = OnnxVLM.load(chain[3] / "bundle")
+    *_, root = chain
+    vlm = OnnxVLM.load(root / "bundle", threads=2)
     rng = np.random.default_rng(0)
     for width, height in [(48, 40), (37, 53), (32, 32)]:
         image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
@@ -143,12 +141,13 @@ def test_codec_pixels_equal_the_processors(chain, processor):
         np.testing.assert_allclose(vlm.encode_image(image).feeds["pixel_values"], expected, rtol=0, atol=1e-6)
 
 
-def test_runtime_greedy_tokens_equal_generate(chain, recipe):
+@pytest.mark.xdist_group("paligemma-lora")
+def test_runtime_greedy_tokens_equal_generate(chain):
     from edgetune.merge import load_merged
     from edgetune.runtime import OnnxVLM
 
-    merged = load_merged(chain[3] / "merged")
-    vlm = OnnxVLM.load(chain[3] / "bundle")
+    recipe, *_, root = chain
+    merged, vlm = load_merged(root / "merged"), OnnxVLM.load(root / "bundle", threads=2)
     for sample in load_samples(recipe.data.eval)[:3]:
         inputs = FAMILY.prompt_inputs(merged.processor, [sample.question], [[open_image(sample.images[0])]])
         with torch.no_grad():
@@ -164,14 +163,16 @@ print(json.dumps(OnnxVLM.load(sys.argv[1]).generate_ids(sys.argv[2], sys.argv[3]
 """
 
 
-def test_bundle_runs_with_torch_blocked(chain, recipe):
+@pytest.mark.xdist_group("paligemma-lora")
+def test_bundle_runs_with_torch_blocked(chain):
     from edgetune.runtime import OnnxVLM
 
+    recipe, *_, root = chain
     sample = load_samples(recipe.data.eval)[0]
-    args = [str(chain[3] / "bundle"), str(sample.images[0]), sample.question]
+    args = [str(root / "bundle"), str(sample.images[0]), sample.question]
     result = subprocess.run([sys.executable, "-c", TORCH_BLOCKED, *args], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    expected = OnnxVLM.load(chain[3] / "bundle").generate_ids(sample.images[0], sample.question, max_new_tokens=8)
+    expected = OnnxVLM.load(root / "bundle", threads=2).generate_ids(sample.images[0], sample.question, max_new_tokens=8)
     assert json.loads(result.stdout) == expected
 
 
