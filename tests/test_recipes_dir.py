@@ -19,6 +19,7 @@ HUB_FAMILIES = {
     "HuggingFaceM4/Idefics3-": "idefics3",
     "Qwen/Qwen2-VL-": "qwen2_vl",
     "Qwen/Qwen2.5-VL-": "qwen2_5_vl",
+    "google/paligemma": "paligemma",  # PaliGemma and PaliGemma 2 (google/paligemma2-*) alike
 }
 
 

@@ -10,6 +10,7 @@ from edgetune.families.base import ModelFamily
 from edgetune.families.idefics3 import Idefics3Family
 from edgetune.families.llava import LlavaFamily
 from edgetune.families.llava_next import LlavaNextFamily
+from edgetune.families.paligemma import PaliGemmaFamily
 from edgetune.families.qwen2_vl import Qwen2_5_VLFamily, Qwen2VLFamily
 
 FAMILIES: dict[str, ModelFamily] = {
@@ -18,6 +19,7 @@ FAMILIES: dict[str, ModelFamily] = {
     "qwen2_vl": Qwen2VLFamily(),
     "qwen2_5_vl": Qwen2_5_VLFamily(),
     "idefics3": Idefics3Family(),
+    "paligemma": PaliGemmaFamily(),
 }
 
 

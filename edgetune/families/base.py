@@ -127,6 +127,11 @@ class ModelFamily:
         """Pixels -> image embeddings in the LLM's hidden size, shape [num_images, tokens, hidden]."""
         raise NotImplementedError
 
+    def connector_output_scale(self, config: Any) -> float:
+        """What the model multiplies the connector's output by to make the image embeddings (LLaMA-
+        Adapter's visual prompt records their mean, which the runtime takes from vision.onnx)."""
+        return 1.0
+
     def image_embeds(self, model: Any, inputs: Any) -> Any:
         """The processor's output -> [image tokens, hidden]: the rows the model writes into the
         image-token positions, in reading order (what the bundle's runtime must reproduce)."""

@@ -18,7 +18,7 @@ CORPUS = [
 ]
 
 
-def train_byte_level_bpe(special_tokens: list[str], vocab_size: int = 512) -> Tokenizer:
+def train_byte_level_bpe(special_tokens: list[str], vocab_size: int = 512, corpus: list[str] = CORPUS) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -28,5 +28,5 @@ def train_byte_level_bpe(special_tokens: list[str], vocab_size: int = 512) -> To
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(CORPUS * 20, trainer=trainer)
+    tokenizer.train_from_iterator(corpus * 20, trainer=trainer)
     return tokenizer

@@ -11,8 +11,9 @@ q carries its rotary position as in the ordinary attention; the prompts carry no
 the layer is exactly the frozen one at step 0, and knowledge flows in only as the gates open.
 
 ``visual_prompt: true`` is the paper's multimodal variant: the image's global feature (the mean of
-its embeddings out of the connector), through a learned projection initialised to zero, is added
-to every prompt token, so the prompts carry the image. It needs one image per sample.
+its image embeddings: the connector's output times the family's connector_output_scale), through a
+learned projection initialised to zero, is added to every prompt token, so the prompts carry the
+image. It needs one image per sample.
 
 peft's AdaptionPrompt does this for a few text model types (llama, mistral, gpt2) keyed on the top
 config's model_type, which a VLM never matches; this is the general version for any attention
@@ -53,15 +54,16 @@ class GlobalImageFeature(MethodModule):
 
     decoder_input = "image_feature"
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, scale: float = 1.0):
         super().__init__()
+        self.scale = scale  # connector output -> image embeddings (PaliGemma: 1 / sqrt(hidden))
         self.proj = torch.nn.Linear(hidden_size, hidden_size)
         torch.nn.init.zeros_(self.proj.weight)
         torch.nn.init.zeros_(self.proj.bias)
         self.feature: torch.Tensor | None = None  # [images, hidden]
 
     def after(self, connector, args, kwargs, output):
-        self.feature = output.mean(dim=1)
+        self.feature = output.mean(dim=1) * self.scale
         return None
 
     def prompt_offset(self, batch: int) -> torch.Tensor:
@@ -132,7 +134,8 @@ class LlamaAdapterMethod(OwnMethod):
         device = next(layers.parameters()).device
         visual = None
         if config.visual_prompt:
-            visual = attach_module(get_module(model, family.connector), VISUAL_CHILD, GlobalImageFeature(text.hidden_size).to(device))
+            feature = GlobalImageFeature(text.hidden_size, family.connector_output_scale(model.config))
+            visual = attach_module(get_module(model, family.connector), VISUAL_CHILD, feature.to(device))
         for i in chosen_layers(model, family, config, default=top):
             attention = get_module(layers[i], family.attention)
             module = AdaptionPrompt(attention, config.prompt_len, text.hidden_size, text.num_attention_heads, visual)

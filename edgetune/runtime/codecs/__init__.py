@@ -7,6 +7,7 @@ from edgetune.runtime.codecs.base import Codec, EncodedImage, positions_from_mas
 from edgetune.runtime.codecs.clip import ClipCodec
 from edgetune.runtime.codecs.idefics3 import Idefics3Codec
 from edgetune.runtime.codecs.llava_next import LlavaNextCodec
+from edgetune.runtime.codecs.paligemma import PaliGemmaCodec
 from edgetune.runtime.codecs.qwen2_vl import Qwen2VLCodec
 
 CODECS: dict[str, type[Codec]] = {
@@ -14,6 +15,7 @@ CODECS: dict[str, type[Codec]] = {
     "llava_next": LlavaNextCodec,
     "qwen2_vl": Qwen2VLCodec,
     "idefics3": Idefics3Codec,
+    "paligemma": PaliGemmaCodec,
 }
 
 __all__ = ["CODECS", "Codec", "EncodedImage", "get_codec", "positions_from_mask"]
