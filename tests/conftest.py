@@ -116,3 +116,24 @@ def pipeline(tiny_model_dir, task_dir, tmp_path_factory):
         return built[family, variant]
 
     return build
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_collection_modifyitems(items):
+    """Group tests for pytest-xdist's --dist loadgroup so that an expensive fixture is built once:
+    every test of one family x method pair on one worker (with the family test files' chain tests,
+    which use that family's lora pair), and a module with a module-scoped fixture as one group.
+    Marks given through fixture params do not reach xdist, so the pair groups are set here."""
+    for item in items:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        if "trained_and_exported" in params:
+            group = "-".join(params["trained_and_exported"])
+        elif "family" in params and "chain" in item.fixturenames:
+            group = f"{getattr(params['family'], 'name', params['family'])}-lora"
+        elif any(m.name == "xdist_group" for m in item.iter_markers()):
+            continue
+        elif any(getattr(fixture[-1], "scope", "") == "module" for fixture in item._fixtureinfo.name2fixturedefs.values()):
+            group = item.module.__name__
+        else:
+            continue
+        item.add_marker(pytest.mark.xdist_group(group))
