@@ -327,7 +327,6 @@ def images_only_processor_class(name: str) -> type:
     return type(name, (base,), {"attributes": ["image_processor", "tokenizer"], "__module__": base.__module__})
 
 
-
 def one_image_vision(visual: Any, windowed: bool) -> Any:
     """The vision tower + merger as a torch module for one image, built on call so that this file
     imports without torch (the runtime imports the family registry).
