@@ -116,3 +116,10 @@ def test_method_layers_out_of_range_names_the_key(write_recipe, tmp_path):
     result = run("train", write_recipe(method={"name": "adapter", "layers": [0, 7]}), "--out", tmp_path / "run")
     assert_user_error(result, "method.layers", "0..1")
     assert not (tmp_path / "run").exists()
+
+
+def test_processor_setting_the_family_lacks_is_named(write_recipe, tmp_path):
+    """max_pixels is Qwen2-VL's knob; LLaVA has none, and says so before the model loads."""
+    result = run("train", write_recipe(model={"processor": {"max_pixels": 401408}}), "--out", tmp_path / "run")
+    assert_user_error(result, "model.processor.max_pixels", "'llava' family has no such setting", "none")
+    assert not (tmp_path / "run").exists()
