@@ -163,6 +163,7 @@ class Idefics3Family(ModelFamily):
         return image, prompt_section(processor, processor.image_token, model_dir)
 
     def new_processor(self, image_processor: Any, tokenizer: Any, image_seq_len: int, chat_template: str) -> Any:
+        """The family's processor from its parts."""
         from transformers import Idefics3Processor
 
         return Idefics3Processor(image_processor, tokenizer, image_seq_len=image_seq_len, chat_template=chat_template)
@@ -175,10 +176,11 @@ class SmolVLMFamily(Idefics3Family):
     """SmolVLM2 (model_type ``smolvlm``): the same model under other class names, and a processor
     that wants a video processor.
 
-    transformers' SmolVLMProcessor requires a video processor, and SmolVLMVideoProcessor requires
-    torchvision, which has no CPU build to pair with a CPU torch. edgetune handles images only, so
-    (as for Qwen2-VL) it assembles the real processor class without one; prompts, placeholder
-    expansion and image tensors are SmolVLMProcessor's own code.
+    transformers' SmolVLMProcessor requires a video processor (its module even imports
+    torchvision), and SmolVLMVideoProcessor requires torchvision, which has no CPU build to pair
+    with a CPU torch. edgetune handles images only, so (as for Qwen2-VL) it assembles the real
+    processor class without one; prompts, placeholder expansion and image tensors are
+    SmolVLMProcessor's own code. Its __init__ also insists on num2words (in the train extra).
     """
 
     name = "smolvlm"
@@ -186,7 +188,8 @@ class SmolVLMFamily(Idefics3Family):
     config_prefix = "SmolVLM"
 
     def new_processor(self, image_processor: Any, tokenizer: Any, image_seq_len: int, chat_template: str) -> Any:
-        """SmolVLMProcessor without a video processor (a required argument it no longer takes)."""
+        """SmolVLMProcessor without a video processor: None fills its video_processor argument,
+        which the images-only class has no part for."""
         from transformers.processing_utils import ProcessorMixin
 
         import_smolvlm_processing()
@@ -211,6 +214,18 @@ class SmolVLMFamily(Idefics3Family):
             image_seq_len=settings.get("image_seq_len", 169),  # 169: SmolVLMProcessor's default
             chat_template=settings.get("chat_template") or tokenizer.chat_template,
         )
+
+    def prompt_inputs(self, processor: Any, prompts: list[str], images: list[list[Any]]) -> Any:
+        """As the default, with the images nested by row: SmolVLMProcessor takes a flat list as
+        one row's images, where Idefics3Processor splits it by each row's ``<image>`` count."""
+        texts = [
+            processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}] * len(row) + [{"type": "text", "text": prompt}]}],
+                add_generation_prompt=True,
+            )
+            for prompt, row in zip(prompts, images)
+        ]
+        return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
 
 
 def import_smolvlm_processing() -> None:
