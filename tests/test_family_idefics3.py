@@ -1,6 +1,8 @@
 """Idefics3 / SmolVLM v1 on the tiny model: NF4 placement, assistant-only labels, the tiled vision
 path against transformers' own, the codec against the HF processor, and the whole chain (train,
-merge, export, torch-free runtime) on images that become different numbers of tiles."""
+merge, export, torch-free runtime) on images that become different numbers of tiles. SmolVLM2
+(family smolvlm: other classes, same code) shares the vision path and codec checks here; the
+family x method matrix runs its chain."""
 
 from __future__ import annotations
 
@@ -71,14 +73,16 @@ def test_encode_sample_labels_only_the_answer(backbone, task_dir):
     assert int((encoded["input_ids"] == backbone.processor.image_token_id).sum()) == 5 * 4
 
 
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_image_features_equal_transformers_own(tiny, dtype):
+def test_image_features_equal_transformers_own(tiny_model_dir, family, dtype):
     """The traceable image_features (position ids shared by all tiles) is get_image_features, in
     bf16 too, where transformers 4.57 gives the tiles other position ids than in fp32."""
-    model = FAMILY.model_class().from_pretrained(tiny, dtype=dtype).eval()
+    family = FAMILIES[family]
+    model = family.model_class().from_pretrained(tiny_model_dir(family.name), dtype=dtype).eval()
     pixels = torch.randn(5, 3, 32, 32, dtype=dtype)
     with torch.no_grad():
-        ours = FAMILY.image_features(model, pixels)
+        ours = family.image_features(model, pixels)
         theirs = model.get_image_features(pixels[None])
     assert ours.shape == (5, 4, 64)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
@@ -93,10 +97,11 @@ def test_image_features_equal_transformers_own(tiny, dtype):
     ],
     ids=["tiny", "no-split", "smolvlm-256m"],
 )
-def test_codec_tiles_and_text_equal_the_hf_processor(tiny, settings):
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(tiny, use_fast=False)
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+def test_codec_tiles_and_text_equal_the_hf_processor(tiny_model_dir, family, settings):
+    """The codec "idefics3" serves both families: SmolVLMImageProcessor and SmolVLMProcessor
+    (without its video processor) are separate copies of Idefics3's."""
+    processor = FAMILIES[family].load_processor(str(tiny_model_dir(family)))
     for key, value in settings.items():
         setattr(processor.image_processor, key, value)
     rng = np.random.default_rng(0)

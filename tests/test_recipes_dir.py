@@ -15,7 +15,8 @@ RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 HUB_FAMILIES = {
     "llava-hf/llava-1.5-": "llava",
     "llava-hf/llava-v1.6-": "llava_next",
-    "HuggingFaceTB/SmolVLM-": "idefics3",  # SmolVLM v1; SmolVLM2-* is model_type smolvlm
+    "HuggingFaceTB/SmolVLM-": "idefics3",  # SmolVLM v1
+    "HuggingFaceTB/SmolVLM2-": "smolvlm",
     "HuggingFaceM4/Idefics3-": "idefics3",
     "Qwen/Qwen2-VL-": "qwen2_vl",
     "Qwen/Qwen2.5-VL-": "qwen2_5_vl",

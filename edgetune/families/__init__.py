@@ -7,7 +7,7 @@ from pathlib import Path
 
 from edgetune.errors import UserError
 from edgetune.families.base import ModelFamily
-from edgetune.families.idefics3 import Idefics3Family
+from edgetune.families.idefics3 import Idefics3Family, SmolVLMFamily
 from edgetune.families.llava import LlavaFamily
 from edgetune.families.llava_next import LlavaNextFamily
 from edgetune.families.paligemma import PaliGemmaFamily
@@ -19,6 +19,7 @@ FAMILIES: dict[str, ModelFamily] = {
     "qwen2_vl": Qwen2VLFamily(),
     "qwen2_5_vl": Qwen2_5_VLFamily(),
     "idefics3": Idefics3Family(),
+    "smolvlm": SmolVLMFamily(),
     "paligemma": PaliGemmaFamily(),
 }
 

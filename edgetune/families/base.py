@@ -189,3 +189,15 @@ def get_module(model: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         module = getattr(module, part)
     return module
+
+
+def images_only_processor_class(name: str, **methods: Any) -> type:
+    """transformers' processor class ``name`` without the video processor among its parts (every
+    video processor needs torchvision, which has no CPU build to pair with a CPU torch); ``methods``
+    replace those of the class that read the video processor. The class keeps its name, which
+    save_pretrained writes as processor_class."""
+    import transformers
+
+    base = getattr(transformers, name)
+    namespace = {"attributes": ["image_processor", "tokenizer"], "__module__": base.__module__, **methods}
+    return type(name, (base,), namespace)

@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from edgetune.families.base import ModelFamily, get_module
+from edgetune.families.base import ModelFamily, get_module, images_only_processor_class
 
 # SmolVLM's conversation format, as the HuggingFaceTB checkpoints' chat_template renders it.
 SMOLVLM_CHAT_TEMPLATE = (
@@ -162,22 +162,95 @@ class Idefics3Family(ModelFamily):
         }
         return image, prompt_section(processor, processor.image_token, model_dir)
 
+    def new_processor(self, image_processor: Any, tokenizer: Any, image_seq_len: int, chat_template: str) -> Any:
+        """The family's processor from its parts."""
+        from transformers import Idefics3Processor
+
+        return Idefics3Processor(image_processor, tokenizer, image_seq_len=image_seq_len, chat_template=chat_template)
+
     def build_tiny(self, out_dir: Path) -> None:
-        build_tiny_smolvlm(self.config_prefix, out_dir)
+        build_tiny_smolvlm(self, out_dir)
 
 
 class SmolVLMFamily(Idefics3Family):
-    """SmolVLM2 (model_type ``smolvlm``): the same model under other class names.
+    """SmolVLM2 (model_type ``smolvlm``): the same model under other class names, and a processor
+    that wants a video processor.
 
-    Not in FAMILIES yet: transformers 4.57's SmolVLMProcessor imports SmolVLMVideoProcessor, which
-    needs torchvision (and num2words) even for images, and the CPU torch build edgetune tests with
-    has no matching torchvision wheel, so neither this family's tiny model nor a real SmolVLM2
-    processor can be loaded there. Where both import, registering it is one line.
+    transformers' SmolVLMProcessor requires a video processor (its module even imports
+    torchvision), and SmolVLMVideoProcessor requires torchvision, which has no CPU build to pair
+    with a CPU torch. edgetune handles images only, so (as for Qwen2-VL) it assembles the real
+    processor class without one; prompts, placeholder expansion and image tensors are
+    SmolVLMProcessor's own code. Its __init__ also insists on num2words (in the train extra).
     """
 
     name = "smolvlm"
     model_class_name = "SmolVLMForConditionalGeneration"
     config_prefix = "SmolVLM"
+
+    def new_processor(self, image_processor: Any, tokenizer: Any, image_seq_len: int, chat_template: str) -> Any:
+        """SmolVLMProcessor without a video processor: None fills its video_processor argument,
+        which the images-only class has no part for."""
+        from transformers.processing_utils import ProcessorMixin
+
+        import_smolvlm_processing()
+        # SmolVLMProcessor.apply_chat_template only adds the video processor's frame settings.
+        processor_class = images_only_processor_class(
+            "SmolVLMProcessor", apply_chat_template=ProcessorMixin.apply_chat_template
+        )
+        return processor_class(image_processor, tokenizer, None, image_seq_len=image_seq_len, chat_template=chat_template)
+
+    def load_processor(self, path: str, trust_remote_code: bool = False) -> Any:
+        """The checkpoint's processor without its video processor, with the slow image processor
+        (the runtime's reference) and the fast tokenizer (the bundle ships its tokenizer.json)."""
+        from transformers import AutoTokenizer, SmolVLMImageProcessor
+        from transformers.processing_utils import ProcessorMixin
+
+        image_processor = SmolVLMImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        settings = ProcessorMixin.get_processor_dict(path)[0]
+        return self.new_processor(
+            image_processor,
+            tokenizer,
+            image_seq_len=settings.get("image_seq_len", 169),  # 169: SmolVLMProcessor's default
+            chat_template=settings.get("chat_template") or tokenizer.chat_template,
+        )
+
+    def prompt_inputs(self, processor: Any, prompts: list[str], images: list[list[Any]]) -> Any:
+        """As the default, with the images nested by row: SmolVLMProcessor takes a flat list as
+        one row's images, where Idefics3Processor splits it by each row's ``<image>`` count."""
+        texts = [
+            processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}] * len(row) + [{"type": "text", "text": prompt}]}],
+                add_generation_prompt=True,
+            )
+            for prompt, row in zip(prompts, images)
+        ]
+        return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+
+
+def import_smolvlm_processing() -> None:
+    """Import transformers' processing_smolvlm where torchvision is missing.
+
+    The module imports three video prompt strings from video_processing_smolvlm, which imports
+    torchvision first thing, so without torchvision SmolVLMProcessor cannot even be imported. A
+    processor without a video processor never uses those strings: a stand-in module holding them
+    is in sys.modules while processing_smolvlm imports, and is removed again.
+    """
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    video = "transformers.models.smolvlm.video_processing_smolvlm"
+    if "transformers.models.smolvlm.processing_smolvlm" in sys.modules or importlib.util.find_spec("torchvision"):
+        return
+    stand_in = types.ModuleType(video, "video prompt strings for processing_smolvlm's import only")
+    stand_in.DEFAULT_VIDEO_INTRO = stand_in.DEFAULT_MEDIA_OUTTRO = stand_in.FRAME_TIMESTAMP_MESSAGE = None
+    sys.modules[video] = stand_in
+    try:
+        importlib.import_module("transformers.models.smolvlm.processing_smolvlm")
+    finally:
+        del sys.modules[video]
 
 
 def full_tile_position_ids(embeddings: Any, size: Any, dtype: Any) -> Any:
@@ -199,8 +272,8 @@ def full_tile_position_ids(embeddings: Any, size: Any, dtype: Any) -> Any:
     return (bucket_h[:, None] * side + bucket_w).flatten()
 
 
-def build_tiny_smolvlm(prefix: str, out_dir: Path) -> None:
-    """A tiny random-weight SmolVLM-256M look-alike with ``prefix``'s classes (Idefics3 or SmolVLM).
+def build_tiny_smolvlm(family: Idefics3Family, out_dir: Path) -> None:
+    """A tiny random-weight SmolVLM-256M look-alike with ``family``'s classes (Idefics3 or SmolVLM).
 
     Tiles are 32 px (4x4 patches of 8 px, pixel shuffle 2: 4 image tokens per tile) and images are
     resized to a longest edge of 64 px, so the built-in task's 48 px images become 2x2 tiles plus
@@ -224,6 +297,7 @@ def build_tiny_smolvlm(prefix: str, out_dir: Path) -> None:
     tokenizer.add_special_tokens(
         {"additional_special_tokens": ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]}
     )
+    prefix = family.config_prefix
     tile, patch, scale = 32, 8, 2
     image_processor = getattr(transformers, f"{prefix}ImageProcessor")(
         size={"longest_edge": 2 * tile},
@@ -231,11 +305,8 @@ def build_tiny_smolvlm(prefix: str, out_dir: Path) -> None:
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
-    parts = {"image_processor": image_processor, "tokenizer": tokenizer}
-    if prefix == "SmolVLM":
-        parts["video_processor"] = transformers.SmolVLMVideoProcessor()
-    processor = getattr(transformers, f"{prefix}Processor")(
-        **parts, image_seq_len=(tile // patch) ** 2 // scale**2, chat_template=SMOLVLM_CHAT_TEMPLATE
+    processor = family.new_processor(
+        image_processor, tokenizer, image_seq_len=(tile // patch) ** 2 // scale**2, chat_template=SMOLVLM_CHAT_TEMPLATE
     )
     config = getattr(transformers, f"{prefix}Config")(
         vision_config=getattr(transformers, f"{prefix}VisionConfig")(

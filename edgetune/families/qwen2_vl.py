@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgetune.families.base import ModelFamily, get_module
+from edgetune.families.base import ModelFamily, get_module, images_only_processor_class
 
 # The Qwen2-VL / Qwen2.5-VL Instruct checkpoints' chat template (ChatML; a default system turn;
 # each image is "<|vision_start|><|image_pad|><|vision_end|>", the processor expands the pad).
@@ -317,14 +317,6 @@ class Qwen2_5_VLFamily(Qwen2VLFamily):
 
     def tiny_added_tokens(self) -> list[str]:
         return QWEN2_5_ADDED_TOKENS
-
-
-def images_only_processor_class(name: str) -> type:
-    """transformers' processor class ``name`` without the video processor among its parts."""
-    import transformers
-
-    base = getattr(transformers, name)
-    return type(name, (base,), {"attributes": ["image_processor", "tokenizer"], "__module__": base.__module__})
 
 
 def one_image_vision(visual: Any, windowed: bool) -> Any:
