@@ -283,7 +283,7 @@ def build_tiny_smolvlm(family: Idefics3Family, out_dir: Path) -> None:
     import transformers
     from transformers import GPT2TokenizerFast, LlamaConfig
 
-    from edgetune.families.tiny import train_byte_level_bpe
+    from edgetune.families.tiny import TINY_TEXT, train_byte_level_bpe
 
     tokenizer = GPT2TokenizerFast(
         tokenizer_object=train_byte_level_bpe(SPECIAL_TOKENS),
@@ -318,20 +318,12 @@ def build_tiny_smolvlm(family: Idefics3Family, out_dir: Path) -> None:
             patch_size=patch,
         ),
         text_config=LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            **TINY_TEXT,
             vocab_size=len(tokenizer),
-            max_position_embeddings=512,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=False,  # as SmolVLM-256M-Instruct
-            # A trained LM head has rows large enough for confident logits; with the default
-            # 0.02 a frozen random head caps logits near +-1 and no adapter can fit the data.
-            initializer_range=0.3,
         ),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         scale_factor=scale,

@@ -93,7 +93,7 @@ class LlavaFamily(ModelFamily):
             LlavaProcessor,
         )
 
-        from edgetune.families.tiny import train_byte_level_bpe
+        from edgetune.families.tiny import TINY_TEXT, train_byte_level_bpe
 
         specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
         tokenizer = LlamaTokenizerFast(
@@ -133,20 +133,12 @@ class LlavaFamily(ModelFamily):
                 projection_dim=32,
             ),
             text_config=LlamaConfig(
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
+                **TINY_TEXT,
                 vocab_size=len(tokenizer),
-                max_position_embeddings=512,
                 bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
                 tie_word_embeddings=False,
-                # A trained LM head has rows large enough for confident logits; with the default
-                # 0.02 a frozen random head caps logits near +-1 and no adapter can fit the data.
-                initializer_range=0.3,
             ),
             image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
             vision_feature_select_strategy="default",

@@ -145,7 +145,7 @@ class LlavaNextFamily(LlavaFamily):
             MistralConfig,
         )
 
-        from edgetune.families.tiny import train_byte_level_bpe
+        from edgetune.families.tiny import TINY_TEXT, train_byte_level_bpe
 
         tokenizer = LlamaTokenizerFast(
             tokenizer_object=train_byte_level_bpe(["<unk>", "<s>", "</s>"]),
@@ -187,22 +187,14 @@ class LlavaNextFamily(LlavaFamily):
                 projection_dim=32,
             ),
             text_config=MistralConfig(
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
+                **TINY_TEXT,
                 vocab_size=len(tokenizer),
-                max_position_embeddings=512,
                 rope_theta=1e6,
                 sliding_window=None,  # Mistral-7B-Instruct-v0.2, the checkpoint's LLM, has none
                 bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
                 tie_word_embeddings=False,
-                # A trained LM head has rows large enough for confident logits; with the default
-                # 0.02 a frozen random head caps logits near +-1 and no adapter can fit the data.
-                initializer_range=0.3,
             ),
             image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
             image_grid_pinpoints=pinpoints,

@@ -265,7 +265,7 @@ class PaliGemmaFamily(ModelFamily):
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
                 tie_word_embeddings=True,
-                # See llava.py: a random LM head needs rows large enough for confident logits.
+                # See tiny.TINY_TEXT: a random LM head needs rows large enough for confident logits.
                 initializer_range=0.3,
             ).to_dict(),
             image_token_index=processor.image_token_id,

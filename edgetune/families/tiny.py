@@ -1,4 +1,5 @@
-"""Offline building blocks for tiny random-weight models: a real byte-level BPE tokenizer.
+"""Offline building blocks for tiny random-weight models: a real byte-level BPE tokenizer and the
+shared size of the tiny LLMs.
 
 Model hubs are out of reach in tests and in ``edgetune quickstart``, so each family's
 ``build_tiny`` trains a small tokenizer here and wraps it in the family's own tokenizer class.
@@ -7,6 +8,20 @@ Model hubs are out of reach in tests and in ``edgetune quickstart``, so each fam
 from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+# The tiny LLM every family's build_tiny uses (with its own architecture's extras): about 0.2M
+# parameters, enough to learn the built-in task in a few hundred steps on CPU.
+TINY_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    # A trained LM head has rows large enough for confident logits; with the default 0.02 a
+    # frozen random head caps logits near +-1 and no adapter can fit the data.
+    initializer_range=0.3,
+)
 
 # Words the built-in task and chat templates use, so that answers are single tokens.
 CORPUS = [
