@@ -146,9 +146,8 @@ def text_dims(family: ModelFamily, model: Any) -> TextDims:
     )
 
 
-def fixed_size_vision_graph(family: ModelFamily, model: Any, processor: Any) -> GraphSpec:
-    """vision.onnx for families whose processor makes every image one [3, H, W] crop."""
-    size = processor.image_processor.crop_size
+def fixed_size_vision_graph(family: ModelFamily, model: Any, size: dict[str, int]) -> GraphSpec:
+    """vision.onnx for families whose processor makes every image one [3, height, width] array."""
     return GraphSpec(
         name="vision",
         module=VisionGraph(family, model),

@@ -145,7 +145,7 @@ class ModelFamily:
         pixel_values [batch, 3, H, W] -> image_embeds [batch, tokens, hidden]."""
         from edgetune.export.graphs import fixed_size_vision_graph
 
-        return fixed_size_vision_graph(self, model, processor)
+        return fixed_size_vision_graph(self, model, processor.image_processor.crop_size)
 
     def decoder_extra_inputs(self, batch: Any, seq: Any, total: Any) -> dict[str, tuple[Any, dict]]:
         """name -> (sample tensor for batch 2, seq 3, total 7; dynamic dims) for decoder_extras."""

@@ -125,21 +125,10 @@ class PaliGemmaFamily(ModelFamily):
     # ---- export -----------------------------------------------------------------------------
 
     def vision_graph(self, model: Any, processor: Any) -> Any:
-        """pixel_values [batch, 3, H, W] at the processor's fixed size -> [batch, tokens, hidden]."""
-        import torch
-        from torch.export import Dim
+        """pixel_values [batch, 3, H, W] at SigLIP's plain-resize size (no crop) -> [batch, tokens, hidden]."""
+        from edgetune.export.graphs import fixed_size_vision_graph
 
-        from edgetune.export.graphs import GraphSpec, VisionGraph
-
-        size = processor.image_processor.size
-        return GraphSpec(
-            name="vision",
-            module=VisionGraph(self, model),
-            sample_args=(torch.randn(2, 3, size["height"], size["width"]),),
-            input_names=["pixel_values"],
-            output_names=["image_embeds"],
-            dynamic_shapes=({0: Dim("batch")},),
-        )
+        return fixed_size_vision_graph(self, model, processor.image_processor.size)
 
     def decoder_extra_inputs(self, batch: Any, seq: Any, total: Any) -> dict[str, tuple[Any, dict]]:
         """token_type_ids [batch, total]: 0 for the prompt (and a KV prefix), 1 for generated tokens."""
