@@ -283,7 +283,7 @@ def build_tiny_smolvlm(family: Idefics3Family, out_dir: Path) -> None:
     import transformers
     from transformers import GPT2TokenizerFast, LlamaConfig
 
-    from edgetune.families.tiny import TINY_TEXT, train_byte_level_bpe
+    from edgetune.families.tiny import TINY_TEXT, TINY_VISION, train_byte_level_bpe
 
     tokenizer = GPT2TokenizerFast(
         tokenizer_object=train_byte_level_bpe(SPECIAL_TOKENS),
@@ -310,10 +310,7 @@ def build_tiny_smolvlm(family: Idefics3Family, out_dir: Path) -> None:
     )
     config = getattr(transformers, f"{prefix}Config")(
         vision_config=getattr(transformers, f"{prefix}VisionConfig")(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
+            **TINY_VISION,
             image_size=tile,
             patch_size=patch,
         ),

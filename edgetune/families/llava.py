@@ -93,7 +93,7 @@ class LlavaFamily(ModelFamily):
             LlavaProcessor,
         )
 
-        from edgetune.families.tiny import TINY_TEXT, train_byte_level_bpe
+        from edgetune.families.tiny import TINY_TEXT, TINY_VISION, train_byte_level_bpe
 
         specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
         tokenizer = LlamaTokenizerFast(
@@ -124,10 +124,7 @@ class LlavaFamily(ModelFamily):
         )
         config = LlavaConfig(
             vision_config=CLIPVisionConfig(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
+                **TINY_VISION,
                 image_size=image_size,
                 patch_size=patch_size,
                 projection_dim=32,

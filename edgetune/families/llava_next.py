@@ -145,7 +145,7 @@ class LlavaNextFamily(LlavaFamily):
             MistralConfig,
         )
 
-        from edgetune.families.tiny import TINY_TEXT, train_byte_level_bpe
+        from edgetune.families.tiny import TINY_TEXT, TINY_VISION, train_byte_level_bpe
 
         tokenizer = LlamaTokenizerFast(
             tokenizer_object=train_byte_level_bpe(["<unk>", "<s>", "</s>"]),
@@ -178,10 +178,7 @@ class LlavaNextFamily(LlavaFamily):
         )
         config = LlavaNextConfig(
             vision_config=CLIPVisionConfig(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
+                **TINY_VISION,
                 image_size=image_size,
                 patch_size=patch_size,
                 projection_dim=32,

@@ -211,7 +211,7 @@ class PaliGemmaFamily(ModelFamily):
             SiglipVisionConfig,
         )
 
-        from edgetune.families.tiny import CORPUS, train_byte_level_bpe
+        from edgetune.families.tiny import CORPUS, TINY_VISION, train_byte_level_bpe
 
         # Gemma's special tokens, in Gemma's order (pad 0, eos 1, bos 2, unk 3).
         tokenizer = GemmaTokenizerFast(
@@ -232,10 +232,7 @@ class PaliGemmaFamily(ModelFamily):
         hidden = 64
         config = PaliGemmaConfig(
             vision_config=SiglipVisionConfig(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
+                **TINY_VISION,
                 image_size=image_size,
                 patch_size=patch_size,
                 vision_use_head=False,

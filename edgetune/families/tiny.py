@@ -1,5 +1,5 @@
 """Offline building blocks for tiny random-weight models: a real byte-level BPE tokenizer and the
-shared size of the tiny LLMs.
+shared sizes of the tiny vision towers and LLMs.
 
 Model hubs are out of reach in tests and in ``edgetune quickstart``, so each family's
 ``build_tiny`` trains a small tokenizer here and wraps it in the family's own tokenizer class.
@@ -8,6 +8,9 @@ Model hubs are out of reach in tests and in ``edgetune quickstart``, so each fam
 from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+# The tiny ViT of the CLIP/SigLIP-style vision towers (with each family's image and patch size).
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
 # The tiny LLM every family's build_tiny uses (with its own architecture's extras): about 0.2M
 # parameters, enough to learn the built-in task in a few hundred steps on CPU.
