@@ -45,6 +45,9 @@ def load_manifest(bundle_dir: Path | str) -> dict:
     missing_graphs = [name for name in GRAPH_NAMES if name not in manifest["graphs"]]
     if missing_graphs:
         raise UserError(f"{path}: graphs.{missing_graphs[0]} is missing; {REEXPORT}")
+    ort_section = manifest.get("ort")
+    if ort_section and (set(GRAPH_NAMES) - set(ort_section.get("graphs", {})) or "required_operators" not in ort_section):
+        raise UserError(f"{path}: the 'ort' section needs graphs.{{{','.join(GRAPH_NAMES)}}} and required_operators; {REEXPORT}")
     for name in bundle_files(manifest):
         if not (bundle_dir / name).is_file():
             raise UserError(f"{bundle_dir / name} is missing; {REEXPORT}")
@@ -60,4 +63,6 @@ def bundle_files(manifest: dict) -> list[str]:
     files.append(manifest["tokenizer"]["file"])
     if manifest.get("kv_prefix"):
         files.append(manifest["kv_prefix"]["file"])
+    if manifest.get("ort"):  # the ORT-format twins of the graphs (weights inline) and their operator list
+        files += [manifest["ort"]["graphs"][name] for name in GRAPH_NAMES] + [manifest["ort"]["required_operators"]]
     return files

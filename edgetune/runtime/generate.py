@@ -34,7 +34,7 @@ from tokenizers.decoders import DecodeStream
 
 from edgetune.errors import UserError
 from edgetune.runtime import preprocess
-from edgetune.runtime.bundle import GRAPH_NAMES, REEXPORT, load_manifest
+from edgetune.runtime.bundle import GRAPH_NAMES, MANIFEST_FILE, REEXPORT, load_manifest
 from edgetune.runtime.codecs import EncodedImage, get_codec
 
 ImageInput = Path | str | Image.Image
@@ -63,17 +63,27 @@ class OnnxVLM:
             raise UserError(f"{manifest['kv_prefix']['file']} has no tensor {missing[0]}; {REEXPORT}")
 
     @classmethod
-    def load(cls, bundle_dir: Path | str, threads: int | None = None) -> OnnxVLM:
-        """Open a bundle on CPU; ``threads`` caps onnxruntime's intra-op threads (None: all cores)."""
+    def load(cls, bundle_dir: Path | str, threads: int | None = None, model_format: str = "auto") -> OnnxVLM:
+        """Open a bundle on CPU; ``threads`` caps onnxruntime's intra-op threads (None: all cores).
+
+        model_format: "onnx" loads the .onnx graphs, "ort" the ORT-format ones (manifest "ort"),
+        "auto" the ORT-format ones when the bundle has them. Both answer alike.
+        """
         bundle_dir = Path(bundle_dir)
         manifest = load_manifest(bundle_dir)
+        if model_format not in ("auto", "onnx", "ort"):
+            raise UserError(f"model_format {model_format!r}: use 'auto', 'onnx' or 'ort'")
+        if model_format == "ort" and not manifest.get("ort"):
+            raise UserError(f"{bundle_dir / MANIFEST_FILE} has no 'ort' section (no ORT-format graphs); "
+                            "re-run `edgetune export` with --ort, or load the .onnx graphs (model_format 'onnx' or 'auto')")
+        use_ort = bool(manifest.get("ort")) and model_format != "onnx"
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: ORT warns about unused initializers
         if threads is not None:
             options.intra_op_num_threads = threads
         sessions = {}
         for name in GRAPH_NAMES:
-            path = bundle_dir / manifest["graphs"][name]["file"]
+            path = bundle_dir / (manifest["ort"]["graphs"][name] if use_ort else manifest["graphs"][name]["file"])
             try:
                 sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             except Exception as err:  # onnxruntime raises several unrelated types for a bad file
