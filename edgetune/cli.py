@@ -140,16 +140,26 @@ def merge(
 def export(
     source: Path = typer.Argument(..., help="A run directory or a merged model directory."),
     out: Optional[Path] = typer.Option(None, "--out", help="Bundle directory (default: export/<name>)."),
-    precision: str = typer.Option("fp32", "--precision", help="Weight precision of the graphs."),
+    precision: str = typer.Option("fp32", "--precision", help="Decoder and embedding weights: fp32, fp16, int8 or int4."),
+    vision_precision: Optional[str] = typer.Option(
+        None, "--vision-precision", help="Vision graph weights: fp32, fp16 or int8, never below --precision (default: fp32, fp16, int8, int8)."
+    ),
+    block_size: int = typer.Option(32, "--block-size", help="int4/int8: input features per quantization block (a power of two >= 16)."),
+    accuracy_level: int = typer.Option(4, "--accuracy-level", help="int4/int8: MatMulNBits compute type, 0 (fp32) to 4 (int8, fastest on CPU)."),
+    asymmetric: bool = typer.Option(False, "--asymmetric", help="int4/int8: a zero point per block (default: symmetric)."),
+    eval_samples: int = typer.Option(64, "--eval-samples", help="Held-out questions each fidelity stage answers (0: none)."),
+    ort: bool = typer.Option(False, "--ort", help="Also write ORT-format graphs (+ required_operators.config) for mobile builds."),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
-    """Export to an ONNX bundle (vision, embeddings, decoder with KV cache) and check parity with PyTorch."""
+    """Export to an ONNX bundle (vision, embeddings, decoder with KV cache) and report its fidelity to PyTorch."""
+    from edgetune.export.precision import precision_options
     from edgetune.pipeline import export_any
 
+    options = precision_options(precision, vision_precision, block_size, accuracy_level, not asymmetric)  # before any work
     bundle = out or Path("export") / source.name
-    manifest = export_any(source, bundle, precision, overwrite)
-    worst = max(c["max_abs_diff"] for c in manifest["parity"]["checks"]) if manifest.get("parity") else float("nan")
-    typer.echo(f"bundle written to {bundle} (parity max |logit diff| {worst:.1e})")
+    manifest = export_any(source, bundle, options, overwrite, eval_samples=eval_samples, ort=ort)
+    final = manifest["fidelity"][-1]
+    typer.echo(f"bundle written to {bundle} ({final['bundle_mb']:.1f} MB, {final['stage']}: KL {final['kl']:.1e} vs the merged fp32 model)")
 
 
 @app.command()

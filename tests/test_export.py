@@ -12,7 +12,7 @@ from transformers import AutoProcessor
 
 from edgetune.errors import UserError
 from edgetune.export import ParityError, bundle as export_module, export_bundle
-from edgetune.export.bundle import compare_with_pytorch, parity_image
+from edgetune.export.parity import compare_with_pytorch, parity_image
 from edgetune.families import FAMILIES
 from edgetune.runtime import OnnxVLM
 
@@ -41,7 +41,7 @@ def test_bundle_has_files_and_manifest(bundle, tiny_llava_dir):
         assert (out / name).is_file(), name
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert (manifest["format_version"], manifest["family"], manifest["precision"]) == (1, "llava", "fp32")
-    text = {"hidden_size": 64, "num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "vocab_size": 432}
+    text = {"hidden_size": 64, "num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "vocab_size": 432, "tied_embeddings": False}
     assert manifest["text"] == text
 
     graphs = manifest["graphs"]
@@ -112,13 +112,7 @@ def test_export_refuses_a_non_empty_dir(tiny_llava_dir, tmp_path):
 
 
 def test_failed_export_leaves_no_directory(tiny_llava_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(export_module.TOLERANCES, "fp32", 0.0)  # no export can match PyTorch exactly
+    monkeypatch.setattr(export_module, "FP32_TOLERANCE", 0.0)  # no export can match PyTorch exactly
     with pytest.raises(ParityError, match=r"\.onnx differs from PyTorch by .*; tolerance is 0"):
         export_bundle(tiny_llava_dir, tmp_path / "bundle")
     assert list(tmp_path.iterdir()) == []  # neither the bundle nor its scratch directory
-
-
-def test_unknown_precision_names_the_available_ones(tiny_llava_dir, tmp_path):
-    with pytest.raises(UserError, match=r"precision 'int4' is not available yet; available: fp32"):
-        export_bundle(tiny_llava_dir, tmp_path / "bundle", precision="int4")
-    assert not (tmp_path / "bundle").exists()

@@ -158,7 +158,7 @@ def test_training_lowers_the_loss_and_merge_export_match_pytorch(chain):
 def test_parity_with_images_of_different_tile_counts(chain):
     """The export's parity images both become 2 x 2 tiles here; a batch of 5 and 3 tiles (the
     processor pads the second with zero frames) must match as well."""
-    from edgetune.export.bundle import compare_with_pytorch
+    from edgetune.export.parity import compare_with_pytorch
     from edgetune.merge import load_merged
     from edgetune.runtime import OnnxVLM
 

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from edgetune.data import Sample, collate, load_samples, open_image, prompt_text
 from edgetune.errors import UserError
-from edgetune.export.bundle import parity_image
+from edgetune.export.parity import parity_image
 from edgetune.families import FAMILIES
 from edgetune.load import load_backbone
 from edgetune.merge import load_merged

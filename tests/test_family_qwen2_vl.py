@@ -14,7 +14,7 @@ from PIL import Image
 
 from edgetune.data import collate, load_samples, open_image
 from edgetune.errors import UserError
-from edgetune.export.bundle import parity_image
+from edgetune.export.parity import parity_image
 from edgetune.families import FAMILIES
 from edgetune.families.base import get_module
 from edgetune.load import load_backbone

@@ -17,7 +17,8 @@ from transformers import AutoProcessor
 
 from edgetune.errors import UserError
 from edgetune.export import export_bundle
-from edgetune.export.bundle import parity_image, render_prompt
+from edgetune.export.bundle import render_prompt
+from edgetune.export.parity import parity_image
 from edgetune.families import FAMILIES
 from edgetune.runtime import OnnxVLM, load_manifest
 from edgetune.runtime.generate import stream_text

@@ -1,24 +1,29 @@
 """export_bundle: a (merged) model directory -> an ONNX bundle the torch-free runtime runs.
 
-The bundle format (manifest.json fields, graph inputs and outputs, tolerances) is documented in
-export/README.md. Stages, all inside a scratch directory that becomes ``out_dir`` only if every
-stage succeeds (edgetune.io.atomic_output_dir), so a failed export leaves nothing behind:
+The bundle format (manifest.json fields, graph inputs and outputs, precisions, tolerances) is
+documented in export/README.md. Every stage runs inside a scratch directory that becomes
+``out_dir`` only if all succeed (edgetune.io.atomic_output_dir), so a failed export leaves nothing:
 
-1. trace vision.onnx, embed.onnx and decoder.onnx at fp32 (edgetune.export.graphs);
-2. precision: fp32 is what the exporter writes; fp16/int8/int4 will be onnxruntime.quantization
-   passes over those fp32 files, inserted here, each with its own tolerance in TOLERANCES;
-3. write the tokenizer and preprocessor files and manifest.json;
-4. parity: load the bundle with the runtime's own OnnxVLM, feed it what the HF processor makes of
-   a real image and prompt (batch 1 and 2; prefill with past 0, then one decode step with past > 0)
-   and compare with the PyTorch model's full forward. Beyond tolerance raises ParityError.
+1. load the merged model; measure it on the parity inputs and the recipe's held-out questions
+   (the reference, edgetune.export.parity); trace vision.onnx, embed.onnx and decoder.onnx at fp32
+   (edgetune.export.graphs); write the tokenizer, preprocessor files and manifest.json; free the
+   PyTorch model (at real sizes it and the onnxruntime sessions would not fit in memory together);
+2. when the model came from a training run that is still on disk, measure the run as trained
+   (the 4-bit backbone with its method);
+3. measure the fp32 bundle with the runtime's own OnnxVLM: every graph within FP32_TOLERANCE of
+   PyTorch, or a ParityError naming the graph (this proves the trace);
+4. precision: passes over the fp32 graphs with onnxruntime's tools (edgetune.export.precision),
+   then measure again against the precision's TOLERANCES;
+5. optionally the ORT format for mobile builds (edgetune.export.mobile).
 
+The fidelity chain (one row per stage) is printed as a table and written to the manifest.
 Everything a family does differently at the prompt/image boundary comes from its hooks
-(edgetune.families.base): the manifest's image and prompt sections, the vision graph, the
-decoder's extra inputs; the runtime side of the same boundary is the codec the image section names.
+(edgetune.families.base); the runtime side of that boundary is the codec image.codec names.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -26,45 +31,93 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from rich.console import Console
+from rich.table import Table
 from safetensors.numpy import save_file as save_numpy
 
 from edgetune.errors import UserError
-from edgetune.export.graphs import describe_graph, export_graph, fed_modules, graph_specs, text_dims
+from edgetune.export import precision as precisions
+from edgetune.export.graphs import OPSET, describe_graph, export_graph, fed_modules, graph_specs, text_dims
+from edgetune.export.parity import (
+    ParityError,
+    Stage,
+    answers_with_bundle,
+    fidelity_row,
+    graph_diffs,
+    logit_figures,
+    onnx_outputs,
+    parity_batch,
+    relative_diff,
+    torch_outputs,
+)
 from edgetune.families import family_of_model_dir
-from edgetune.families.base import ModelFamily
 from edgetune.io import atomic_output_dir
 from edgetune.merge import load_merged
 from edgetune.methods.modules import methods_disabled
 from edgetune.runtime import OnnxVLM
 from edgetune.runtime.bundle import KV_PREFIX_FILE, MANIFEST_FILE
 
-# Max |logit diff| against PyTorch that an export at each precision must meet.
-TOLERANCES = {"fp32": 1e-3}
+# Max |diff| of every fp32 graph output against PyTorch (vision and embed outputs, logits).
+FP32_TOLERANCE = 1e-3
+# What a bundle at each precision must keep, against the merged fp32 model on the parity inputs:
+# the decoder's mean KL of the next-token distribution (nats), and the vision and embed graphs'
+# max |diff| relative to their output's max |value|. Measured values: export/README.md.
+TOLERANCES = {
+    "fp32": {"max_abs_diff": FP32_TOLERANCE},
+    "fp16": {"kl": 0.005, "vision": 0.01, "embed": 0.01},
+    "int8": {"kl": 0.05, "vision": 0.05, "embed": 0.02},
+    "int4": {"kl": 1.5, "vision": 0.05, "embed": 0.15},
+}
 PROMPT_SENTINEL = "EDGETUNE_PROMPT_SENTINEL"
-PARITY_STEPS = {"prefill": "prefill, past 0", "decode": "decode 1 token, past = prompt"}
-PARITY_PROMPTS = ["What color is the shape?", "Describe the picture. What shape is this? One word."]
+DEFAULT_EVAL_SAMPLES = 64
 
 
-class ParityError(UserError):
-    """An exported graph disagrees with PyTorch beyond the precision's tolerance."""
+def export_bundle(
+    model_dir: Path,
+    out_dir: Path,
+    precision: str = "fp32",
+    overwrite: bool = False,
+    *,
+    vision_precision: str | None = None,
+    block_size: int = precisions.DEFAULT_BLOCK_SIZE,
+    accuracy_level: int = precisions.DEFAULT_ACCURACY_LEVEL,
+    symmetric: bool = True,
+    lm_head_bits: int = 4,
+    eval_samples: int = DEFAULT_EVAL_SAMPLES,
+    ort: bool = False,
+) -> dict:
+    """Export ``model_dir`` to ``out_dir``; returns the manifest (also written as manifest.json).
 
+    precision: the decoder's and the embedding table's weights (fp32, fp16, int8, int4);
+    vision_precision: the vision graph's (default by precision: fp32, fp16, int8, int8);
+    block_size, accuracy_level, symmetric, lm_head_bits: int4/int8 quantization (edgetune.export.precision);
+    eval_samples: held-out questions each stage answers (0: none); ort: also write ORT-format graphs.
+    Raises UserError for a bad option before anything is written, ParityError (a UserError) when a
+    stage is beyond its tolerance.
+    """
+    options = precisions.precision_options(precision, vision_precision, block_size, accuracy_level, symmetric, lm_head_bits)
+    if ort:
+        from edgetune.export.mobile import ort_format_problem
 
-def export_bundle(model_dir: Path, out_dir: Path, precision: str = "fp32", overwrite: bool = False) -> dict:
-    """Export ``model_dir`` to ``out_dir``; returns the manifest (also written as manifest.json)."""
-    if precision not in TOLERANCES:
-        raise UserError(f"precision '{precision}' is not available yet; available: {', '.join(TOLERANCES)}")
+        problem = ort_format_problem(OPSET)
+        if problem:
+            raise UserError(f"--ort: {problem}")
+    if eval_samples < 0:
+        raise UserError(f"--eval-samples {eval_samples}: must be 0 or more")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     family = family_of_model_dir(model_dir, where="export")
+    provenance = source_of(model_dir)
+    samples, max_new_tokens = held_out(provenance, eval_samples)
     console = Console(file=sys.stderr)  # bound now: the exporter's output is redirected while it runs
     started = time.perf_counter()
     with atomic_output_dir(out_dir, overwrite) as scratch:
         with console.status(f"loading {model_dir}"):
             merged = load_merged(model_dir)  # a "graph" method's modules are attached and get traced
             model, processor = merged.model, merged.processor
+        with console.status("measuring the merged model (PyTorch)"):
+            reference = measure_torch("merged fp32 (pytorch)", family, model, processor, samples, max_new_tokens)
+            reference.size_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
         image, prompt = family.bundle_sections(model, processor, model_dir)
         kv_prefix = merged.method is not None and merged.method.export_as == "kv_prefix"
         graphs = {}
@@ -72,142 +125,220 @@ def export_bundle(model_dir: Path, out_dir: Path, precision: str = "fp32", overw
             # A KV prefix is not traced: the runtime feeds it as the first cached tokens.
             with console.status(f"exporting {spec.name}.onnx"), methods_disabled(model) if kv_prefix else nullcontext():
                 graphs[spec.name] = describe_graph(export_graph(spec, scratch))
+        dims = text_dims(family, model)
         manifest = {
             "format_version": 1,  # raised below if the bundle needs a newer runtime
             "family": family.name,
-            "precision": precision,
+            "precision": options.precision,
+            "vision_precision": options.vision_precision,
+            "quantization": options.manifest_section(),
             "graphs": graphs,
-            "text": vars(text_dims(family, model)),
+            "text": vars(dims),
             "image": image,
             "tokenizer": save_tokenizer(processor, model, scratch, model_dir),
             "prompt": prompt,
-            "source": source_of(model_dir),
+            "source": provenance,
         }
+        cache_dtype = "float16" if options.precision == "fp16" else "float32"
         if kv_prefix:
-            manifest["kv_prefix"] = save_kv_prefix(merged.method.kv_prefix(model, family), scratch)
+            manifest["kv_prefix"] = save_kv_prefix(merged.method.kv_prefix(model, family), scratch, cache_dtype)
         if kv_prefix or fed_modules(model):
             manifest["format_version"] = 2
         if image["codec"] != "clip" or family.rope != "1d" or family.decoder_extras:
             manifest["format_version"] = 3
-        write_manifest(scratch, manifest)  # the runtime loads the bundle through it; parity is added below
-        with console.status("checking ONNX against PyTorch"):
-            vlm = OnnxVLM.load(scratch)
-            manifest["parity"] = check_parity(family, model, processor, vlm, TOLERANCES[precision])
+        del merged, model, spec  # the PyTorch model is not needed past this point
+        gc.collect()
+        tied = precisions.is_tied(scratch / "embed.onnx", scratch / "decoder.onnx")
+        manifest["text"]["tied_embeddings"] = tied
+        if tied:
+            share_table(scratch, manifest, "fp32", options, dims.hidden_size)
+        write_manifest(scratch, manifest)  # the runtime loads the bundle through it
+        stages = [reference]
+        trained = measure_run(provenance, family, reference, samples, max_new_tokens, console)
+        if trained is not None:
+            stages.insert(0, trained)
+        with console.status("checking the fp32 bundle against PyTorch"):
+            fp32_stage, checks = measure_bundle("onnx fp32", scratch, reference, samples, max_new_tokens)
+        stages.append(fp32_stage)
+        manifest["parity"] = check_fp32(checks)
+        if options.precision != "fp32" or options.vision_precision != "fp32":
+            with console.status(f"converting the graphs to {options.precision} (vision {options.vision_precision})"):
+                manifest["quantization"]["graphs"] = convert_graphs(scratch, manifest, options, tied, dims.hidden_size)
+            write_manifest(scratch, manifest)
+            label = f"onnx {options.precision}" + ("" if options.vision_precision == options.precision else f", vision {options.vision_precision}")
+            with console.status(f"measuring the {options.precision} bundle"):
+                final, checks = measure_bundle(label, scratch, reference, samples, max_new_tokens)
+            stages.append(final)
+            manifest["tolerances"] = check_precision(options, reference, final, checks)
+        else:
+            manifest["tolerances"] = {"precision": "fp32", **TOLERANCES["fp32"]}
+        manifest["fidelity"] = [fidelity_row(stage, reference, samples) for stage in stages]
+        if ort:
+            from edgetune.export.mobile import add_ort_models
+
+            with console.status("converting the graphs to the ORT format"):
+                manifest["ort"] = add_ort_models(scratch, manifest)
         write_manifest(scratch, manifest)
-    worst = max(check["max_abs_diff"] for check in manifest["parity"]["checks"])
-    console.print(
-        f"exported {out_dir} in {time.perf_counter() - started:.0f}s "
-        f"(max |logit diff| vs PyTorch {worst:.1e}, tolerance {TOLERANCES[precision]:g})",
-        soft_wrap=True,
-    )
+    console.print(fidelity_table(manifest["fidelity"], out_dir, options))
+    console.print(f"exported {out_dir} in {time.perf_counter() - started:.0f}s", soft_wrap=True)
     return manifest
 
 
-# ---- parity ------------------------------------------------------------------------------------
+# ---- stages ------------------------------------------------------------------------------------
 
 
-def check_parity(family: ModelFamily, model: Any, processor: Any, vlm: OnnxVLM, tolerance: float) -> dict:
-    """Compare the bundle with PyTorch on batch 1 and 2; raise ParityError naming the first graph
-    beyond tolerance (vision and embed are compared on their own outputs, the decoder on logits)."""
-    images = [parity_image(0), parity_image(1)]
-    checks = []
+def held_out(provenance: dict, count: int) -> tuple[list[Any], int]:
+    """The recipe's first ``count`` held-out samples (none without a recipe or eval data) and its
+    max_new_tokens."""
+    from edgetune.data import load_samples
+
+    recipe = provenance.get("recipe") or {}
+    path = (recipe.get("data") or {}).get("eval")
+    max_new_tokens = (recipe.get("train") or {}).get("max_new_tokens", 16)
+    if not count or not path or not Path(path).is_file():
+        return [], max_new_tokens
+    return load_samples(Path(path))[:count], max_new_tokens
+
+
+def measure_torch(name: str, family: Any, model: Any, processor: Any, samples: list[Any], max_new_tokens: int,
+                  reference: Stage | None = None) -> Stage:
+    """A PyTorch model on the parity batches (decode fed the reference's tokens) and the held-out questions."""
+    from edgetune.evaluate import answer_with_torch
+
+    outputs = {}
     for batch in (1, 2):
-        diffs = compare_with_pytorch(family, model, processor, vlm, images[:batch], PARITY_PROMPTS[:batch])
-        for name, diff in diffs.items():
-            graph = name if name in ("vision", "embed") else "decoder"
-            inputs = f"batch {batch}, {PARITY_STEPS.get(name, name)}"
+        next_ids = reference.outputs[batch].next_ids if reference is not None else None
+        outputs[batch] = torch_outputs(family, model, processor, *parity_batch(batch), next_ids)
+    answers = answer_with_torch(model, processor, family, samples, max_new_tokens) if samples else None
+    return Stage(name, outputs, answers)
+
+
+def measure_run(provenance: dict, family: Any, reference: Stage, samples: list[Any], max_new_tokens: int, console: Console) -> Stage | None:
+    """The training run the model was merged from, as trained (4-bit backbone + method), if it is
+    still on disk; None otherwise."""
+    from edgetune.merge import load_adapted
+
+    run_dir = provenance.get("run_dir")
+    if not run_dir or not (Path(run_dir) / "adapter").is_dir():
+        return None
+    method = (provenance.get("method") or {}).get("name", "method")
+    try:
+        with console.status(f"measuring the training run {run_dir} (PyTorch)"):
+            backbone, model, recipe = load_adapted(Path(run_dir), dequantize=False)
+            name = f"{recipe.quantization.mode} + {method} (pytorch)"
+            stage = measure_torch(name, family, model, backbone.processor, samples, max_new_tokens, reference)
+            stage.size_mb = model.get_memory_footprint() / 2**20
+    except UserError as err:  # e.g. the base model was moved: the chain starts at the merged model
+        console.print(f"[yellow]not measuring the training run: {err}")
+        return None
+    del backbone, model
+    gc.collect()
+    return stage
+
+
+def measure_bundle(name: str, bundle_dir: Path, reference: Stage, samples: list[Any], max_new_tokens: int) -> tuple[Stage, list[dict]]:
+    """The bundle (through the runtime's own OnnxVLM) on the parity batches and held-out questions;
+    also the per-graph checks against the reference."""
+    vlm = OnnxVLM.load(bundle_dir)
+    outputs, checks = {}, []
+    for batch, expected in reference.outputs.items():
+        outputs[batch] = onnx_outputs(vlm, expected, *parity_batch(batch))
+        for step, diff in graph_diffs(expected, outputs[batch]).items():
+            graph = step if step in ("vision", "embed") else "decoder"
+            inputs = f"batch {batch}" + ("" if graph != "decoder" else f", {PARITY_STEPS[step]}")
             checks.append({"graph": f"{graph}.onnx", "inputs": inputs, "max_abs_diff": diff})
+    answers = answers_with_bundle(vlm, samples, max_new_tokens) if samples else None
+    del vlm
+    gc.collect()
+    size = sum(f.stat().st_size for f in bundle_dir.rglob("*") if f.is_file()) / 2**20
+    return Stage(name, outputs, answers, size), checks
+
+
+PARITY_STEPS = {"prefill": "prefill, past 0", "decode": "decode 1 token, past = prompt"}
+
+
+def check_fp32(checks: list[dict]) -> dict:
+    """The fp32 bundle must reproduce PyTorch to FP32_TOLERANCE in every graph: this proves the trace."""
     for check in checks:
-        if check["max_abs_diff"] > tolerance:
+        if check["max_abs_diff"] > FP32_TOLERANCE:
             raise ParityError(
                 f"{check['graph']} differs from PyTorch by {check['max_abs_diff']:.3g} "
-                f"({check['inputs']}); tolerance is {tolerance:g}. "
+                f"({check['inputs']}); tolerance is {FP32_TOLERANCE:g}. "
                 "Set EDGETUNE_DEBUG=1 and re-run to see the exporter's log"
             )
-    return {"tolerance": tolerance, "checks": checks}
+    return {"tolerance": FP32_TOLERANCE, "checks": checks}
 
 
-def compare_with_pytorch(
-    family: ModelFamily,
-    model: Any,
-    processor: Any,
-    vlm: OnnxVLM,
-    images: list[Image.Image],
-    prompts: list[str],
-) -> dict[str, float]:
-    """Max |ONNX - PyTorch| for one left-padded batch (one image per prompt): "vision" on the image
-    embeddings (preprocessing included), "embed" on the token embeddings, "prefill" on the logits
-    of every real prompt token (past 0), "decode" on the logits of one greedy token fed on top of
-    the prefill's cache (past = padded prompt length). The prompt tokens the runtime builds must
-    equal the HF processor's exactly."""
-    inputs = family.prompt_inputs(processor, prompts, [[image] for image in images])
-    encoded = [vlm.encode_image(image) for image in images]
-    ids, mask = left_pad([vlm.prompt_ids(p, e) for p, e in zip(prompts, encoded)], vlm.manifest["tokenizer"]["pad_token_id"])
-    expected_ids = inputs["input_ids"].numpy()
-    if ids.shape != expected_ids.shape or (ids != expected_ids).any():
-        raise ParityError(
-            f"the runtime's prompt tokens differ from the HF processor's (batch {len(prompts)}): "
-            f"{ids.tolist()} vs {expected_ids.tolist()}"
-        )
-    (onnx_embeds,) = vlm.sessions["embed"].run(None, {"input_ids": ids})
-    onnx_images = np.concatenate(vlm.image_embeds(encoded))
-    logits, past = vlm.forward(ids, mask, images=encoded)
-    next_ids = logits[:, -1].argmax(-1)[:, None]
-    longer_mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
-    step_logits, _ = vlm.forward(next_ids, longer_mask, past)
-    longer = family.extend_inputs(inputs, torch.from_numpy(next_ids))
-    with torch.no_grad():
-        torch_images = family.image_embeds(model, inputs)
-        torch_embeds = model.get_input_embeddings()(inputs["input_ids"])
-        full = model(**inputs, **maybe_positions(family, model, inputs))
-        step = model(**longer, **maybe_positions(family, model, longer))
-    real = mask.astype(bool)  # padding rows attend to nothing; their logits are meaningless
-    return {
-        "vision": max_abs_diff(onnx_images, torch_images),
-        "embed": max_abs_diff(onnx_embeds, torch_embeds),
-        "prefill": max_abs_diff(logits[real], full.logits.numpy()[real]),
-        "decode": max_abs_diff(step_logits[:, -1], step.logits[:, -1]),
+def check_precision(options: Any, reference: Stage, final: Stage, checks: list[dict]) -> dict:
+    """The converted bundle against the precision's TOLERANCES; ParityError names the graph and values."""
+    limits = TOLERANCES[options.precision]
+    figures = logit_figures(reference, final)
+    measured = {
+        "kl": figures["kl"],
+        "vision": max(relative_diff(final.outputs[b].vision, reference.outputs[b].vision) for b in final.outputs),
+        "embed": max(relative_diff(final.outputs[b].embed, reference.outputs[b].embed) for b in final.outputs),
     }
+    graphs = {"kl": "decoder.onnx", "vision": "vision.onnx", "embed": "embed.onnx"}
+    what = {"kl": "mean KL of the next-token distribution", "vision": "relative max |diff| of image_embeds",
+            "embed": "relative max |diff| of inputs_embeds"}
+    for key, limit in limits.items():
+        if measured[key] > limit:
+            raise ParityError(
+                f"{graphs[key]} at {options.precision} (vision {options.vision_precision}): {what[key]} vs the merged "
+                f"fp32 model is {measured[key]:.3g}, tolerance {limit:g} (max |logit diff| {figures['max_abs_logit_diff']:.3g}, "
+                f"mean {figures['mean_abs_logit_diff']:.3g}); try a smaller --block-size, --accuracy-level 0 or a higher precision"
+            )
+    return {"precision": options.precision, "limits": limits, "measured": measured, "checks": checks}
 
 
-def maybe_positions(family: ModelFamily, model: Any, inputs: Any) -> dict[str, Any]:
-    positions = family.position_ids(model, inputs)
-    return {} if positions is None else {"position_ids": positions}
+# ---- precision ---------------------------------------------------------------------------------
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """int64 ids and mask [batch, longest], padded on the left as generation batches are."""
-    longest = max(len(row) for row in rows)
-    ids = np.full((len(rows), longest), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), longest), dtype=np.int64)
-    for i, row in enumerate(rows):
-        ids[i, longest - len(row) :], mask[i, longest - len(row) :] = row, 1
-    return ids, mask
-
-
-def max_abs_diff(a: Any, b: Any) -> float:
-    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
-
-
-def parity_image(index: int) -> Image.Image:
-    """A small non-square picture (a shape on a plain background), so resize and crop both act."""
-    width, height = (48, 40) if index % 2 == 0 else (37, 53)
-    image = Image.new("RGB", (width, height), [(250, 250, 240), (20, 30, 60)][index % 2])
-    draw = ImageDraw.Draw(image)
-    if index % 2 == 0:
-        draw.ellipse([8, 6, 38, 34], fill=(220, 30, 40))
+def convert_graphs(scratch: Path, manifest: dict, options: Any, tied: bool, hidden: int) -> dict:
+    """Each fp32 graph at its precision, in place; returns per graph what was quantized."""
+    report = {}
+    keep = {  # float32 at the graph boundary at fp16: what the runtime writes and reads
+        "vision": [v["name"] for v in manifest["graphs"]["vision"]["inputs"] + manifest["graphs"]["vision"]["outputs"]],
+        "embed": ["inputs_embeds"],
+        "decoder": [v["name"] for v in manifest["graphs"]["decoder"]["inputs"] if not v["name"].startswith("past_key_values.")] + ["logits"],
+    }
+    report["vision"] = precisions.convert_graph(scratch / "vision.onnx", options.vision_precision, options, keep["vision"])
+    report["decoder"] = precisions.convert_graph(scratch / "decoder.onnx", options.precision, options, keep["decoder"])
+    if tied and precisions.can_share(options.precision, options, hidden):
+        share_table(scratch, manifest, options.precision, options, hidden)
+        report["embed"] = {"shared_with": "decoder.onnx"}
     else:
-        draw.polygon([(18, 5), (33, 45), (3, 45)], fill=(40, 200, 90))
-    return image
+        if tied:  # the embed graph still points into the fp32 decoder's data: re-trace would be needed
+            raise UserError(f"--block-size {options.block_size}: a tied embedding table of width {hidden} needs a block size that divides it")
+        report["embed"] = precisions.convert_graph(scratch / "embed.onnx", options.precision, options, keep["embed"], op_type="Gather")
+    for name in ("vision", "embed", "decoder"):
+        manifest["graphs"][name] = describe_graph(scratch / f"{name}.onnx")
+    return report
+
+
+def share_table(scratch: Path, manifest: dict, precision: str, options: Any, hidden: int) -> None:
+    precisions.share_tied_table(scratch / "embed.onnx", scratch / "decoder.onnx", precision, options, hidden)
+    manifest["graphs"]["embed"] = describe_graph(scratch / "embed.onnx")
+
+
+def fidelity_table(rows: list[dict], out_dir: Path, options: Any) -> Table:
+    table = Table(title=f"fidelity of {out_dir} against the merged fp32 model")
+    for column in ("stage", "accuracy", "agree", "max |Δlogit|", "mean |Δlogit|", "KL", "MB"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    percent = lambda value: "-" if value is None else f"{value:.1%}"  # noqa: E731
+    for row in rows:
+        table.add_row(row["stage"], percent(row["accuracy"]), percent(row["agreement"]), f"{row['max_abs_logit_diff']:.2e}",
+                      f"{row['mean_abs_logit_diff']:.2e}", f"{row['kl']:.2e}", f"{row['bundle_mb']:.1f}")
+    return table
+
+
+# ---- the prompt section ------------------------------------------------------------------------
 
 
 def render_prompt(processor: Any, prompt: str) -> str:
     """The chat-formatted single-turn text for one image and ``prompt``, as the HF processor renders it."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True)
-
-
-# ---- the prompt section ------------------------------------------------------------------------
 
 
 def prompt_section(processor: Any, placeholder: str, model_dir: Path) -> dict:
@@ -257,13 +388,13 @@ def save_tokenizer(processor: Any, model: Any, out_dir: Path, model_dir: Path) -
     }
 
 
-def save_kv_prefix(prefix: list[tuple[torch.Tensor, torch.Tensor]], out_dir: Path) -> dict:
-    """kv_prefix.safetensors: per layer the prefix keys/values [kv_heads, length, head_dim], named
-    like the decoder's past inputs; the manifest's section."""
+def save_kv_prefix(prefix: list[tuple[torch.Tensor, torch.Tensor]], out_dir: Path, dtype: str = "float32") -> dict:
+    """kv_prefix.safetensors: per layer the prefix keys/values [kv_heads, length, head_dim] in the KV
+    cache's dtype, named like the decoder's past inputs; the manifest's section."""
     tensors = {}
     for i, (key, value) in enumerate(prefix):
-        tensors[f"past_key_values.{i}.key"] = key.float().contiguous().numpy()
-        tensors[f"past_key_values.{i}.value"] = value.float().contiguous().numpy()
+        tensors[f"past_key_values.{i}.key"] = key.float().contiguous().numpy().astype(dtype)
+        tensors[f"past_key_values.{i}.value"] = value.float().contiguous().numpy().astype(dtype)
     save_numpy(tensors, str(out_dir / KV_PREFIX_FILE))
     return {"file": KV_PREFIX_FILE, "length": int(prefix[0][0].shape[1])}
 

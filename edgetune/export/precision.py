@@ -1,0 +1,339 @@
+"""Bundle precisions: passes over the traced fp32 graphs with onnxruntime's own quantization tools.
+
+Nothing here re-traces a model or quantizes by hand; each precision is one well-kept tool:
+
+    int4, int8  onnxruntime.quantization's MatMulNBitsQuantizer (RTN, block-wise, weight-only): every
+                MatMul with a constant weight [K, N] becomes ``MatMulNBits`` (com.microsoft), 4 or 8
+                bits per weight plus one fp32 scale (and, asymmetric, a zero point) per block of
+                ``block_size`` input features. Activations stay fp32; ``accuracy_level`` picks the
+                kernel's compute type (0: the default fp32 path, 4: int8 activations per block,
+                the CPU's fastest; see onnxruntime's ContribOperators.md, MatMulNBits).
+                The token embedding table becomes ``GatherBlockQuantized`` (4 or 8 bits, quantized
+                along the hidden dim with the same block size).
+    fp16        onnxruntime.transformers.float16.convert_float_to_float16: fp16 weights and KV cache;
+                the decoder keeps fp32 ``inputs_embeds`` and ``logits``, embed.onnx and vision.onnx
+                keep fp32 outputs, so the runtime writes fp32 image rows into fp32 token rows as at fp32.
+
+A weight whose input features K are fewer than the block size stays float (fp32): a block never
+spans padding, and real models (K >= 576) never meet the rule; the manifest counts such weights.
+
+Tied tables are stored once. When the LM head's weight is the embedding table transposed (Qwen2-VL-2B,
+PaliGemma), embed.onnx is rewritten to read the decoder's LM-head tensor where it lies in
+decoder.onnx.data: at fp32/fp16 as ``Gather(axis=1)`` on the [hidden, vocab] weight then a transpose;
+at int4/int8 as ``GatherBlockQuantized`` over MatMulNBits' own bytes, which have the layout
+GatherBlockQuantized takes for uint8 data (per vocabulary row, blocks along hidden), so the embedding
+rows are exactly the LM head's dequantized rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgetune.errors import UserError
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+BITS = {"int4": 4, "int8": 8}
+# Most to least precise; a vision graph is never quantized more than its decoder, and never to 4 bits
+# (a ViT's attention and MLP inputs are less tolerant than a decoder's, and the vision graph runs once).
+VISION_PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_VISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int8"}
+DEFAULT_BLOCK_SIZE = 32
+DEFAULT_ACCURACY_LEVEL = 4
+MSFT = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class PrecisionOptions:
+    """What a bundle's graphs are stored in. Build with ``precision_options`` (it validates)."""
+
+    precision: str = "fp32"  # the decoder's (and embed's) weights
+    vision_precision: str = "fp32"
+    block_size: int = DEFAULT_BLOCK_SIZE  # input features per quantization block (int4/int8)
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL  # MatMulNBits compute type (int4/int8)
+    symmetric: bool = True  # int4/int8: zero point fixed at the middle of the range
+    lm_head_bits: int = 4  # int4 bundles: the LM head's (and a table tied to it) bits, 4 or 8
+
+    def manifest_section(self) -> dict:
+        return {
+            "decoder": self.precision,
+            "vision": self.vision_precision,
+            "block_size": self.block_size if self.quantized else None,
+            "accuracy_level": self.accuracy_level if self.quantized else None,
+            "symmetric": self.symmetric if self.quantized else None,
+            "lm_head_bits": self.lm_head_bits if self.precision in BITS else None,
+        }
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision in BITS or self.vision_precision in BITS
+
+
+def precision_options(
+    precision: str = "fp32",
+    vision_precision: str | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+    symmetric: bool = True,
+    lm_head_bits: int = 4,
+) -> PrecisionOptions:
+    """Check the export options before anything is written; UserError names the option."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision}: accepted values are {', '.join(PRECISIONS)}")
+    if vision_precision is None:
+        vision_precision = DEFAULT_VISION[precision]
+    allowed = [p for p in VISION_PRECISIONS if PRECISIONS.index(p) <= PRECISIONS.index(precision)]
+    if vision_precision not in allowed:
+        raise UserError(
+            f"--vision-precision {vision_precision}: with --precision {precision} the accepted values are "
+            f"{', '.join(allowed)} (the vision graph is never quantized more than the decoder, nor to int4)"
+        )
+    if block_size < 16 or block_size & (block_size - 1):
+        raise UserError(f"--block-size {block_size}: accepted values are powers of two >= 16 (16, 32, 64, 128, ...)")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise UserError(f"--accuracy-level {accuracy_level}: accepted values are 0, 1, 2, 3, 4 (MatMulNBits' compute types)")
+    if lm_head_bits not in (4, 8):
+        raise UserError(f"--lm-head-bits {lm_head_bits}: accepted values are 4, 8")
+    return PrecisionOptions(precision, vision_precision, block_size, accuracy_level, symmetric, lm_head_bits)
+
+
+# ---- one graph at a time ----------------------------------------------------------------------
+
+
+def convert_graph(path: Path, precision: str, options: PrecisionOptions, keep_fp32: list[str], op_type: str = "MatMul") -> dict:
+    """Rewrite ``path`` (an fp32 graph with external data) at ``precision`` in place.
+
+    keep_fp32: graph inputs and outputs that stay float32 at fp16. op_type: the weights quantized at
+    int4/int8: "MatMul" (linear layers) or "Gather" (the embedding table). Returns the manifest's
+    record of what was done: how many weights were quantized and how many kept float.
+    """
+    if precision == "fp32":
+        return {}
+    model = onnx.load(str(path))
+    if precision == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        with quiet_quantizer():
+            model = convert_float_to_float16(model, keep_io_types=keep_fp32, disable_shape_infer=True)
+        report = {}
+    elif op_type == "MatMul" and path.stem == "decoder" and BITS[precision] != options.lm_head_bits:
+        # The LM head at its own width: the rest first (head excluded), then the head alone.
+        head = lm_head_node(model).name
+        model, report = quantize_weights(model, BITS[precision], options, op_type, skip={head})
+        model, head_report = quantize_weights(model, options.lm_head_bits, options, op_type, only={head})
+        report["lm_head_bits"] = options.lm_head_bits
+    else:
+        model, report = quantize_weights(model, BITS[precision], options, op_type)
+    save_with_external_data(model, path)
+    return report
+
+
+def weight_nodes(model: onnx.ModelProto, op_type: str) -> list[tuple[onnx.NodeProto, int]]:
+    """(node, input features K) of every ``op_type`` node whose weight is a constant 2-D tensor: a
+    linear layer's [K, N] for MatMul, a [vocab, K] table for Gather. 3-D constants (rotary
+    frequencies) and graph-computed operands are not weights."""
+    dims = {init.name: list(init.dims) for init in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        if node.op_type != op_type:
+            continue
+        weight = dims.get(node.input[1] if op_type == "MatMul" else node.input[0], [])
+        if len(weight) == 2:
+            found.append((node, weight[0] if op_type == "MatMul" else weight[1]))
+    return found
+
+
+def quantize_weights(model: onnx.ModelProto, bits: int, options: PrecisionOptions, op_type: str,
+                     skip: set[str] = frozenset(), only: set[str] | None = None) -> tuple[onnx.ModelProto, dict]:
+    """MatMul weights -> MatMulNBits, or an embedding Gather -> GatherBlockQuantized (nodes by name:
+    none in ``skip``, and only those in ``only`` if given)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    for index, node in enumerate(model.graph.node):  # the quantizer selects and excludes nodes by name
+        node.name = node.name or f"{node.op_type}_{index}"
+    nodes = [(node, k) for node, k in weight_nodes(model, op_type) if node.name not in skip and (only is None or node.name in only)]
+    chosen = [node.name for node, k in nodes if k >= options.block_size]
+    excluded = [node.name for node in model.graph.node if node.op_type == op_type and node.name not in chosen]
+    report = {"quantized_weights": len(chosen), "float_weights": len(nodes) - len(chosen)}
+    if not chosen:
+        return model, report
+    if op_type == "Gather" and bits == 8:  # MatMulNBitsQuantizer quantizes Gather at 4 bits only
+        return gather_to_8_bits(model, options, set(chosen)), report
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=options.block_size,
+        is_symmetric=options.symmetric,
+        accuracy_level=options.accuracy_level or None,
+        bits=bits,
+        op_types_to_quantize=(op_type,),
+        quant_axes=(("MatMul", 0), ("Gather", 1)),
+    )
+    with quiet_quantizer():
+        quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=excluded, algo_config=config)
+        quantizer.process()
+    return quantizer.model.model, report
+
+
+def gather_to_8_bits(model: onnx.ModelProto, options: PrecisionOptions, names: set[str]) -> onnx.ModelProto:
+    """Gather on a constant [vocab, hidden] table -> GatherBlockQuantized with 8-bit uint8 data,
+    quantized per row in blocks along hidden by onnxruntime's own block quantizer (the bytes
+    MatMulNBits uses: the table is quantized as the weight [hidden, vocab] of a MatMul)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+
+    config = DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric, bits=8)
+    quantizer = DefaultWeightOnlyQuantizer(config)
+    inits = {init.name: init for init in model.graph.initializer}
+    for index, node in enumerate(list(model.graph.node)):
+        if node.name not in names:
+            continue
+        table = inits[node.input[0]]
+        packed, scales, zero_points = quantizer.qbits_block_quant(numpy_helper.to_array(table).T.copy())
+        new = block_quantized_gather(node, table.name, packed, scales, zero_points if not options.symmetric else None, 8, options)
+        model.graph.initializer.extend(new.initializers)
+        model.graph.node.remove(node)
+        model.graph.node.insert(index, new.node)
+        model.graph.initializer.remove(table)
+    return model
+
+
+@dataclass
+class NewGather:
+    node: onnx.NodeProto
+    initializers: list[onnx.TensorProto]
+
+
+def block_quantized_gather(node, name, packed, scales, zero_points, bits, options) -> NewGather:
+    """A GatherBlockQuantized over MatMulNBits-layout arrays (packed [vocab, blocks, blob] uint8,
+    scales [vocab, blocks], zero points packed per row), replacing ``node`` (a Gather on axis 0)."""
+    vocab = packed.shape[0]
+    initializers = [
+        numpy_helper.from_array(packed.reshape(vocab, -1), f"{name}_Q{bits}"),
+        numpy_helper.from_array(scales.reshape(vocab, -1), f"{name}_scales"),
+    ]
+    if zero_points is not None:
+        initializers.append(numpy_helper.from_array(zero_points.reshape(vocab, -1), f"{name}_zero_points"))
+    inputs = [initializers[0].name, node.input[1], initializers[1].name] + ([initializers[2].name] if zero_points is not None else [])
+    new = helper.make_node(
+        "GatherBlockQuantized", inputs, list(node.output), name=f"{node.name}_Q{bits}", domain=MSFT,
+        gather_axis=0, quantize_axis=1, block_size=options.block_size, bits=bits,
+    )
+    return NewGather(new, initializers)
+
+
+# ---- a tied table, stored once -------------------------------------------------------------------
+
+
+def lm_head_node(decoder: onnx.ModelProto) -> onnx.NodeProto:
+    """The node that computes ``logits`` (through Casts): the LM head's MatMul or MatMulNBits."""
+    producers = {out: node for node in decoder.graph.node for out in node.output}
+    node = producers[decoder.graph.output[0].name]
+    while node.op_type == "Cast":
+        node = producers[node.input[0]]
+    if node.op_type not in ("MatMul", "MatMulNBits"):
+        raise ValueError(f"decoder.onnx: logits come from a {node.op_type} node, not the LM head's MatMul")
+    return node
+
+
+def lm_head_weights(decoder: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """The LM head's initializers: [W [hidden, vocab]] for a MatMul, [B, scales(, zero_points)] for a
+    MatMulNBits."""
+    inits = {init.name: init for init in decoder.graph.initializer}
+    return [inits[name] for name in lm_head_node(decoder).input[1:] if name in inits]
+
+
+def is_tied(embed_path: Path, decoder_path: Path) -> bool:
+    """Whether the fp32 LM head's weight [hidden, vocab] is exactly the embedding table transposed."""
+    embed = onnx.load(str(embed_path))
+    table = [init for init in embed.graph.initializer if len(init.dims) == 2]
+    head = lm_head_weights(onnx.load(str(decoder_path)))
+    if len(table) != 1 or len(head) != 1 or list(head[0].dims) != list(table[0].dims)[::-1]:
+        return False
+    return bool(np.array_equal(numpy_helper.to_array(table[0]).T, numpy_helper.to_array(head[0])))
+
+
+def share_tied_table(embed_path: Path, decoder_path: Path, precision: str, options: PrecisionOptions, hidden: int) -> None:
+    """Rewrite embed.onnx to read the LM head's tensors from decoder.onnx.data (see module docstring).
+
+    The decoder must be final (converted and saved); ``hidden`` is the embedding width. At int4/int8
+    the hidden size must be a whole number of blocks (MatMulNBits pads the last block otherwise).
+    """
+    head = lm_head_weights(onnx.load(str(decoder_path), load_external_data=False))
+    shared = [external_view(init, decoder_path) for init in head]
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
+    out = helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", hidden])
+    if precision in BITS:
+        vocab = head[0].dims[0]
+        for view in shared:  # MatMulNBits' [vocab, blocks, blob] and flat scales/zero points, per row
+            view.dims[:] = [vocab, int(np.prod(view.dims)) // vocab]
+        inputs = [shared[0].name, "input_ids", *[view.name for view in shared[1:]]]
+        nodes = [helper.make_node("GatherBlockQuantized", inputs, ["inputs_embeds"], domain=MSFT, gather_axis=0,
+                                  quantize_axis=1, block_size=options.block_size, bits=BITS[precision])]
+    else:
+        rows = "rows" if precision == "fp16" else "inputs_embeds"
+        nodes = [helper.make_node("Gather", [shared[0].name, "input_ids"], ["columns"], axis=1),
+                 helper.make_node("Transpose", ["columns"], [rows], perm=[1, 2, 0])]
+        if precision == "fp16":
+            nodes.append(helper.make_node("Cast", ["rows"], ["inputs_embeds"], to=TensorProto.FLOAT))
+    graph = helper.make_graph(nodes, "embed", [ids], [out], shared)
+    opsets = [helper.make_opsetid("", 18)] + ([helper.make_opsetid(MSFT, 1)] if precision in BITS else [])
+    for stale in (embed_path, embed_path.with_name(embed_path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=10), str(embed_path))
+
+
+def can_share(precision: str, options: PrecisionOptions, hidden: int) -> bool:
+    return precision not in BITS or hidden % options.block_size == 0
+
+
+def external_view(init: onnx.TensorProto, graph_path: Path) -> onnx.TensorProto:
+    """A tensor proto with ``init``'s name, type and dims whose data is where ``init``'s lies, as a
+    path relative to the bundle (other graphs of the bundle read the same bytes)."""
+    view = onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims, data_location=TensorProto.EXTERNAL)
+    if init.data_location != TensorProto.EXTERNAL:
+        raise ValueError(f"{graph_path.name}: {init.name} is not stored as external data")
+    view.external_data.extend(init.external_data)
+    return view
+
+
+# ---- files -------------------------------------------------------------------------------------
+
+
+def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Overwrite ``path`` and its ``.data`` file (every tensor over 1 KB outside the protobuf, so any
+    graph loads past protobuf's 2 GB limit)."""
+    data = path.with_name(path.name + ".data")
+    scratch = path.with_name(path.name + ".tmp")
+    scratch_data = path.with_name(scratch.name + ".data")
+    onnx.save_model(model, str(scratch), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=scratch_data.name, size_threshold=1024)
+    # The data file keeps its usual name; the protobuf names it, so fix the reference, then rename both.
+    saved = onnx.load(str(scratch), load_external_data=False)
+    for init in saved.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = data.name
+    onnx.save_model(saved, str(scratch))
+    os.replace(scratch_data, data)
+    os.replace(scratch, path)
+
+
+class quiet_quantizer:
+    """onnxruntime.quantization logs a line per node at INFO; keep it to errors."""
+
+    def __enter__(self):
+        self.errors = np.seterr(divide="ignore", invalid="ignore")  # all-zero blocks (e.g. a padding row)
+        self.logger = logging.getLogger("onnxruntime.quantization")
+        self.level = self.logger.level
+        self.root = logging.getLogger().level
+        self.logger.setLevel(logging.ERROR)
+        logging.getLogger().setLevel(max(self.root, logging.WARNING))
+
+    def __exit__(self, *exc):
+        np.seterr(**self.errors)
+        self.logger.setLevel(self.level)
+        logging.getLogger().setLevel(self.root)
