@@ -10,10 +10,18 @@ The merged directory holds the model (safetensors), tokenizer, processor and ``e
 model on the dequantized base and what the directory reloads to). Methods exported as "merged"
 leave a plain model; the others ("graph", "kv_prefix") keep their artifact in ``method/`` beside
 the dequantized base, and ``load_merged`` re-attaches it.
+
+Memory: the check needs the adapted model's logits and the saved directory loaded back, but never
+both models at once. ``merge_into`` builds, merges and saves everything torch-side and returns only
+the expected logits; the backbone, the adapted model and the checkpoint's memory map are freed
+before the directory is reloaded, and freed heap memory goes back to the OS (release_memory). The
+peak stays near one fp32 model (``python benchmarks/bench_export.py --merge``; BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -88,7 +96,48 @@ def load_base(recipe: Recipe, dequantize: bool) -> Backbone:
     backbone = load_backbone(recipe.model, recipe.quantization, torch.device("cpu"), torch.float32)
     if dequantize and recipe.quantization.mode != "none":
         backbone.model = dequantize_to_fp32(backbone.model)
+        release_memory()  # the 4-bit layers and the dequantization's temporaries
+        page_out_checkpoint()
     return backbone
+
+
+def release_memory() -> None:
+    """Free unreachable objects and hand freed heap memory back to the OS.
+
+    torch takes CPU tensors from malloc, and glibc keeps large freed blocks in the process: without
+    malloc_trim a model that was just freed still counts as resident, and the next one lands on top
+    of it (at the SmolVLM-256M shape, 1.0 of 1.4 GB stayed). No library does this; on other C
+    libraries (musl, macOS) it is only the garbage collection.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def page_out_checkpoint() -> None:
+    """Ask the kernel to reclaim the pages of the memory-mapped safetensors files (Linux 5.4+).
+
+    The layers loaded in full precision (vision tower, embeddings, head) are views into the mapped
+    checkpoint, which keeps the whole file mapped, so the pages of every weight that was read and
+    quantized on load stay resident (clean and reclaimable, but counted) as long as the model lives:
+    at the Qwen2-VL-2B shape most of an fp32 model's size on top of the dequantized one.
+    MADV_PAGEOUT drops them from this process; nothing is lost (the pages are the file's), and the
+    views' pages come back from the page cache on first use. Elsewhere this does nothing.
+    """
+    madvise_pageout = 21
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        with open("/proc/self/maps") as maps:
+            regions = [line.split() for line in maps]
+    except (OSError, AttributeError):
+        return
+    for fields in regions:
+        if len(fields) >= 6 and fields[5].endswith(".safetensors"):
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            libc.madvise(start, end - start, madvise_pageout)  # an old kernel answers EINVAL: fine
 
 
 def probe_batch(recipe: Recipe, backbone: Backbone) -> dict[str, Any]:
@@ -101,32 +150,50 @@ def probe_batch(recipe: Recipe, backbone: Backbone) -> dict[str, Any]:
 
 
 def dequantize_then_merge(run_dir: Path, out_dir: Path, overwrite: bool = False) -> MergeReport:
+    """Merge the run into ``out_dir``; raises UserError if the directory's reload differs from the
+    adapted model on the dequantized base by more than MERGE_TOLERANCE (max |logit diff|)."""
     recipe, method = load_run_method(run_dir)
-    backbone = load_base(recipe, dequantize=True)
-    batch = probe_batch(recipe, backbone)
     with atomic_output_dir(out_dir, overwrite) as scratch, torch.no_grad():
         with console.status(f"merging {method.name} into the dequantized base"):
-            if method.export_as != "merged":
-                # The frozen base is saved before the method's modules join it (they attach in
-                # place), the trained artifact beside it.
-                backbone.model.save_pretrained(scratch, safe_serialization=True)
-                shutil.copytree(Path(run_dir) / "adapter", scratch / METHOD_DIR)
-            adapted = attach_trained(method, backbone, recipe, run_dir)
-            expected = adapted(**batch).logits
-            if method.export_as == "merged":
-                method.merge(adapted, backbone.family).save_pretrained(scratch, safe_serialization=True)
-            backbone.processor.save_pretrained(scratch)
+            expected, batch = merge_into(scratch, recipe, method, run_dir)
+            release_memory()  # the backbone and adapted model (peft holds reference cycles) go before the reload
             provenance = {"run_dir": str(Path(run_dir).resolve()), "recipe": recipe.to_yaml_dict(),
                           "method": {"name": method.name, "export_as": method.export_as}}
             (scratch / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
-            reloaded = load_merged(scratch)
-            diff = float((expected - reloaded.model(**batch).logits).abs().max())
+            diff = max_logit_diff(expected, load_merged(scratch).model, batch)
         if diff > MERGE_TOLERANCE:
             raise UserError(f"merge check failed: max |logit diff| {diff:.2e} > {MERGE_TOLERANCE:.0e} between adapted and merged model")
         report = MergeReport(str(out_dir), diff, MERGE_TOLERANCE)
         provenance["merge"] = asdict(report)
         (scratch / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
     return report
+
+
+def merge_into(scratch: Path, recipe: Recipe, method: PeftMethod, run_dir: Path) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Load the dequantized base, attach the trained method, save the merged model (or the base and
+    the method's artifact) and processor into ``scratch``. Returns the adapted model's logits on the
+    probe batch, and that batch; nothing else it loaded outlives the call."""
+    backbone = load_base(recipe, dequantize=True)
+    batch = probe_batch(recipe, backbone)
+    if method.export_as != "merged":
+        # The frozen base is saved before the method's modules join it (they attach in place),
+        # the trained artifact beside it.
+        backbone.model.save_pretrained(scratch, safe_serialization=True)
+        shutil.copytree(Path(run_dir) / "adapter", scratch / METHOD_DIR)
+    adapted = attach_trained(method, backbone, recipe, run_dir)
+    expected = adapted(**batch).logits
+    if method.export_as == "merged":
+        method.merge(adapted, backbone.family).save_pretrained(scratch, safe_serialization=True)
+    backbone.processor.save_pretrained(scratch)
+    return expected, batch
+
+
+def max_logit_diff(expected: torch.Tensor, model: Any, batch: dict[str, Any]) -> float:
+    """max |expected - model(batch).logits|, 64 positions at a time (a full-size difference tensor
+    would be one more copy of the logits, batch x sequence x vocabulary floats)."""
+    got = model(**batch).logits
+    rows = zip(expected.flatten(0, -2).split(64), got.flatten(0, -2).split(64))
+    return max(float((e - g).abs().max()) for e, g in rows)
 
 
 @dataclass
