@@ -95,9 +95,9 @@ def load_base(recipe: Recipe, dequantize: bool) -> Backbone:
     """The run's frozen backbone on CPU in fp32, with the 4-bit layers dequantized if asked."""
     backbone = load_backbone(recipe.model, recipe.quantization, torch.device("cpu"), torch.float32)
     if dequantize and recipe.quantization.mode != "none":
+        page_out_checkpoint()
         backbone.model = dequantize_to_fp32(backbone.model)
         release_memory()  # the 4-bit layers and the dequantization's temporaries
-        page_out_checkpoint()
     return backbone
 
 
