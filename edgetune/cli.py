@@ -71,11 +71,12 @@ def quickstart(
     out: Path = typer.Option(Path("quickstart-out"), "--out", help="Directory for everything the quickstart makes."),
     family: str = typer.Option("llava", "--family", help=f"Model family of the tiny model: {FAMILY_NAMES}."),
     steps: int = typer.Option(800, "--steps", help="Training steps."),
+    precision: str = typer.Option("fp32", "--precision", help="bundle/'s precision: fp32, fp16, int8 or int4 (the others go to bundles/)."),
 ) -> None:
     """Run the whole chain offline on a tiny model and a built-in task: train, merge, export, answer with ONNX."""
     from edgetune.quickstart import run_quickstart
 
-    run_quickstart(out, family=family, steps=steps)
+    run_quickstart(out, family=family, steps=steps, precision=precision)
 
 
 @app.command()
@@ -147,6 +148,7 @@ def export(
     block_size: int = typer.Option(32, "--block-size", help="int4/int8: input features per quantization block (a power of two >= 16)."),
     accuracy_level: int = typer.Option(4, "--accuracy-level", help="int4/int8: MatMulNBits compute type, 0 (fp32) to 4 (int8, fastest on CPU)."),
     asymmetric: bool = typer.Option(False, "--asymmetric", help="int4/int8: a zero point per block (default: symmetric)."),
+    lm_head_bits: int = typer.Option(4, "--lm-head-bits", help="int4: bits of the LM head (and of a table tied to it), 4 or 8."),
     eval_samples: int = typer.Option(64, "--eval-samples", help="Held-out questions each fidelity stage answers (0: none)."),
     ort: bool = typer.Option(False, "--ort", help="Also write ORT-format graphs (+ required_operators.config) for mobile builds."),
     overwrite: bool = typer.Option(False, "--overwrite"),
@@ -155,7 +157,13 @@ def export(
     from edgetune.export.precision import precision_options
     from edgetune.pipeline import export_any
 
-    options = precision_options(precision, vision_precision, block_size, accuracy_level, not asymmetric)  # before any work
+    options = precision_options(precision, vision_precision, block_size, accuracy_level, not asymmetric, lm_head_bits)  # before any work
+    if ort:
+        from edgetune.export.graphs import OPSET
+        from edgetune.export.mobile import ort_format_problem
+
+        if problem := ort_format_problem(OPSET):
+            raise UserError(f"--ort: {problem}")
     bundle = out or Path("export") / source.name
     manifest = export_any(source, bundle, options, overwrite, eval_samples=eval_samples, ort=ort)
     final = manifest["fidelity"][-1]

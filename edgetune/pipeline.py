@@ -25,4 +25,4 @@ def export_any(source: Path, bundle: Path, options: Any, overwrite: bool = False
     with tempfile.TemporaryDirectory(prefix="edgetune-merge-") as tmp:
         merged = Path(tmp) / "merged"
         dequantize_then_merge(source, merged)
-        return export_bundle(merged, bundle, overwrite=overwrite, **vars(options), **export_options)
+        return export_bundle(merged, bundle, overwrite=overwrite, run_dir=source, **vars(options), **export_options)

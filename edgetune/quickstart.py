@@ -23,7 +23,7 @@ from edgetune.errors import UserError
 from edgetune.progress import console
 
 
-def quickstart_recipe(steps: int) -> dict[str, Any]:
+def quickstart_recipe(steps: int, precision: str = "fp32") -> dict[str, Any]:
     """The recipe quickstart writes: NF4 backbone, LoRA on attention + MLP, connector trained."""
     return {
         "model": {"path": "model"},
@@ -31,8 +31,8 @@ def quickstart_recipe(steps: int) -> dict[str, Any]:
         "method": {"name": "lora", "rank": 8, "alpha": 16, "dropout": 0.0, "placement": "both", "train_connector": True},
         "data": {"train": "data/train.json", "eval": "data/eval.json", "max_length": 128},
         "train": {"max_steps": steps, "lr": 3e-3, "batch_size": 8, "warmup_steps": 20, "schedule": "cosine",
-                  "gradient_checkpointing": True, "seed": 0, "eval_every": 200},
-        "export": {"precision": "fp32"},
+                  "gradient_checkpointing": True, "seed": 0, "eval_every": 200, "max_new_tokens": 8},
+        "export": {"precision": precision},
     }
 
 
@@ -64,13 +64,16 @@ class Stages:
         console.print(f"[dim]{name}: {self.seconds[name]:.1f}s")
 
 
-def run_quickstart(out: Path, family: str = "llava", steps: int = 800) -> dict[str, Any]:
+def run_quickstart(out: Path, family: str = "llava", steps: int = 800, precision: str = "fp32") -> dict[str, Any]:
+    """The chain on ``family``'s tiny model; ``precision`` is bundle/'s (every other precision is
+    exported too, from the same trace, into bundles/<precision>/, so the summary compares them)."""
     import torch
 
     from edgetune.builtin_task import write_task
     from edgetune.data import load_samples
     from edgetune.evaluate import answer_with_torch, evaluate_path, score
-    from edgetune.export import export_bundle
+    from edgetune.export.bundle import export_bundles
+    from edgetune.export.precision import PRECISIONS, precision_options
     from edgetune.families import get_family
     from edgetune.load import load_backbone
     from edgetune.merge import dequantize_then_merge
@@ -80,12 +83,14 @@ def run_quickstart(out: Path, family: str = "llava", steps: int = 800) -> dict[s
     from edgetune.train import train
 
     chosen = get_family(family)
+    targets = {Path(out) / "bundle": precision_options(precision)}  # checked before any work
+    targets.update({Path(out) / "bundles" / p: precision_options(p) for p in PRECISIONS if p != precision})
     clock = Stages()
     with fresh_dir(Path(out)) as out:
         with clock.stage("tiny model + built-in task"):
             chosen.build_tiny(out / "model")
             write_task(out / "data")
-            (out / "recipe.yaml").write_text(yaml.safe_dump(quickstart_recipe(steps), sort_keys=False))
+            (out / "recipe.yaml").write_text(yaml.safe_dump(quickstart_recipe(steps, precision), sort_keys=False))
             recipe = load_recipe(out / "recipe.yaml")
             held_out = load_samples(recipe.data.eval)
         with clock.stage("accuracy before training"):
@@ -99,11 +104,15 @@ def run_quickstart(out: Path, family: str = "llava", steps: int = 800) -> dict[s
         with clock.stage("merge"):
             merge_report = dequantize_then_merge(out / "run", out / "merged")
         with clock.stage("export"):
-            manifest = export_bundle(out / "merged", out / "bundle", recipe.export.precision)
+            manifests = export_bundles(out / "merged", targets, eval_samples=len(held_out))
+            manifest = manifests[0]
         with clock.stage("accuracy after export (onnx)"):
             after_onnx = evaluate_path(out / "bundle", held_out, 8)
             decode = decode_tokens_per_second(OnnxVLM.load(out / "bundle"), held_out[0].images[0], held_out[0].question)
         bundle_mb = sum(f.stat().st_size for f in (out / "bundle").rglob("*") if f.is_file()) / 2**20
+        precisions = {m["precision"]: m["fidelity"][-1] for m in manifests}
+        precisions = {p: {key: precisions[p][key] for key in ("stage", "bundle_mb", "accuracy", "agreement", "kl")}
+                      for p in PRECISIONS}
         summary = {
             "family": chosen.name,
             "method": result.method,
@@ -116,7 +125,9 @@ def run_quickstart(out: Path, family: str = "llava", steps: int = 800) -> dict[s
             "loss_first_to_final": [result.first_loss, result.final_loss],
             "merge_max_logit_diff": merge_report.max_logit_diff,
             "export_parity_max_logit_diff": max(c["max_abs_diff"] for c in manifest["parity"]["checks"]),
+            "precision": precision,
             "bundle_mb": bundle_mb,
+            "precisions": precisions,
             "decode_tokens_per_s": decode,
             "peak_train_memory_mb": result.peak_memory_mb,
             "stage_seconds": clock.seconds,
@@ -139,7 +150,10 @@ def summary_table(s: dict[str, Any]) -> Table:
     table.add_row("train loss", "{:.3f} -> {:.3f}".format(*s["loss_first_to_final"]))
     table.add_row("merge max |logit diff|", f"{s['merge_max_logit_diff']:.1e}")
     table.add_row("export parity max |logit diff|", f"{s['export_parity_max_logit_diff']:.1e}")
-    table.add_row("bundle size", f"{s['bundle_mb']:.2f} MB")
+    table.add_row(f"bundle size ({s['precision']})", f"{s['bundle_mb']:.2f} MB")
+    for name, row in s["precisions"].items():
+        table.add_row(f"{name} bundle: size, held-out accuracy, answers as fp32",
+                      f"{row['bundle_mb']:.2f} MB, {row['accuracy']:.1%}, {row['agreement']:.0%}")
     table.add_row("onnx decode speed", f"{s['decode_tokens_per_s']:.0f} tokens/s")
     for name, seconds in s["stage_seconds"].items():
         table.add_row(f"time: {name}", f"{seconds:.1f}s")

@@ -86,7 +86,8 @@ def run_sweep(recipe: Recipe, methods: list[str], seeds: int, connectors: list[b
                 onnx_accuracy = None
                 if seed == 0:
                     dequantize_then_merge(run_dir, out / "merged" / name)
-                    export_bundle(out / "merged" / name, out / "bundles" / name, recipe.export.precision)
+                    # The sweep measures the bundle's accuracy itself (below): no held-out questions in export.
+                    export_bundle(out / "merged" / name, out / "bundles" / name, recipe.export.precision, eval_samples=0)
                     onnx_accuracy = evaluate_path(out / "bundles" / name, held_out, recipe.train.max_new_tokens).accuracy
                 runs.append(SweepRun(method, connector, seed, accuracy, onnx_accuracy, result.trainable_params,
                                      result.peak_memory_mb, result.train_seconds, result.final_loss))

@@ -111,7 +111,7 @@ def pipeline(tiny_model_dir, task_dir, tmp_path_factory):
                                              train={"max_steps": 30, "lr": 3e-3, "batch_size": 8}))
             result = train(recipe, root / "run")
             merge = dequantize_then_merge(root / "run", root / "merged")
-            manifest = export_bundle(root / "merged", root / "bundle")
+            manifest = export_bundle(root / "merged", root / "bundle", eval_samples=0)  # accuracy: tests/test_precision.py
             built[family, variant] = recipe, result, merge, manifest, root
         return built[family, variant]
 
@@ -128,8 +128,10 @@ def pytest_collection_modifyitems(items):
         params = item.callspec.params if hasattr(item, "callspec") else {}
         if "trained_and_exported" in params:
             group = "-".join(params["trained_and_exported"])
-        elif "family" in params and "chain" in item.fixturenames:
+        elif "family" in params and ("chain" in item.fixturenames or "pipeline" in item.fixturenames):
             group = f"{getattr(params['family'], 'name', params['family'])}-lora"
+        elif "variant" in params and "pipeline" in item.fixturenames:  # tests/test_precision.py, on LLaVA
+            group = f"llava-{params['variant']}"
         elif any(m.name == "xdist_group" for m in item.iter_markers()):
             continue
         elif any(getattr(fixture[-1], "scope", "") == "module" for fixture in item._fixtureinfo.name2fixturedefs.values()):

@@ -23,11 +23,15 @@ Everything a family does differently at the prompt/image boundary comes from its
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -86,17 +90,35 @@ def export_bundle(
     lm_head_bits: int = 4,
     eval_samples: int = DEFAULT_EVAL_SAMPLES,
     ort: bool = False,
+    run_dir: Path | None = None,
 ) -> dict:
     """Export ``model_dir`` to ``out_dir``; returns the manifest (also written as manifest.json).
 
     precision: the decoder's and the embedding table's weights (fp32, fp16, int8, int4);
     vision_precision: the vision graph's (default by precision: fp32, fp16, int8, int8);
     block_size, accuracy_level, symmetric, lm_head_bits: int4/int8 quantization (edgetune.export.precision);
-    eval_samples: held-out questions each stage answers (0: none); ort: also write ORT-format graphs.
+    eval_samples: held-out questions each stage answers (0: none); ort: also write ORT-format graphs;
+    run_dir: the training run ``model_dir`` was merged from, measured as trained (the chain's first stage).
     Raises UserError for a bad option before anything is written, ParityError (a UserError) when a
     stage is beyond its tolerance.
     """
     options = precisions.precision_options(precision, vision_precision, block_size, accuracy_level, symmetric, lm_head_bits)
+    return export_bundles(model_dir, {Path(out_dir): options}, overwrite, eval_samples=eval_samples, ort=ort, run_dir=run_dir)[0]
+
+
+def export_bundles(
+    model_dir: Path,
+    targets: dict[Path, precisions.PrecisionOptions],
+    overwrite: bool = False,
+    *,
+    eval_samples: int = DEFAULT_EVAL_SAMPLES,
+    ort: bool = False,
+    run_dir: Path | None = None,
+) -> list[dict]:
+    """One trace, several bundles: ``targets`` maps each bundle directory to its precision options
+    (edgetune.export.precision.precision_options). The PyTorch stages are measured once; each bundle's
+    fidelity chain ends with its own precision. All bundles appear, or none (a failure in one removes
+    every scratch directory). Returns the manifests in the order of ``targets``."""
     if ort:
         from edgetune.export.mobile import ort_format_problem
 
@@ -105,13 +127,17 @@ def export_bundle(
             raise UserError(f"--ort: {problem}")
     if eval_samples < 0:
         raise UserError(f"--eval-samples {eval_samples}: must be 0 or more")
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model_dir = Path(model_dir)
     family = family_of_model_dir(model_dir, where="export")
     provenance = source_of(model_dir)
     samples, max_new_tokens = held_out(provenance, eval_samples)
     console = Console(file=sys.stderr)  # bound now: the exporter's output is redirected while it runs
     started = time.perf_counter()
-    with atomic_output_dir(out_dir, overwrite) as scratch:
+    with ExitStack() as stack:
+        scratches = {out: stack.enter_context(atomic_output_dir(out, overwrite)) for out in targets}
+        # The fp32 trace lies beside the first bundle (same file system), and each bundle hard-links it.
+        first = next(iter(targets))
+        trace = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f".{first.name}.trace-", dir=first.parent)))
         with console.status(f"loading {model_dir}"):
             merged = load_merged(model_dir)  # a "graph" method's modules are attached and get traced
             model, processor = merged.model, merged.processor
@@ -124,64 +150,76 @@ def export_bundle(
         for spec in graph_specs(family, model, processor):
             # A KV prefix is not traced: the runtime feeds it as the first cached tokens.
             with console.status(f"exporting {spec.name}.onnx"), methods_disabled(model) if kv_prefix else nullcontext():
-                graphs[spec.name] = describe_graph(export_graph(spec, scratch))
+                graphs[spec.name] = describe_graph(export_graph(spec, trace))
         dims = text_dims(family, model)
         manifest = {
             "format_version": 1,  # raised below if the bundle needs a newer runtime
             "family": family.name,
-            "precision": options.precision,
-            "vision_precision": options.vision_precision,
-            "quantization": options.manifest_section(),
+            "precision": "fp32",
+            "vision_precision": "fp32",
+            "quantization": precisions.PrecisionOptions().manifest_section(),
             "graphs": graphs,
             "text": vars(dims),
             "image": image,
-            "tokenizer": save_tokenizer(processor, model, scratch, model_dir),
+            "tokenizer": save_tokenizer(processor, model, trace, model_dir),
             "prompt": prompt,
             "source": provenance,
         }
-        cache_dtype = "float16" if options.precision == "fp16" else "float32"
+        prefix = merged.method.kv_prefix(model, family) if kv_prefix else None
         if kv_prefix:
-            manifest["kv_prefix"] = save_kv_prefix(merged.method.kv_prefix(model, family), scratch, cache_dtype)
+            manifest["kv_prefix"] = save_kv_prefix(prefix, trace)
         if kv_prefix or fed_modules(model):
             manifest["format_version"] = 2
         if image["codec"] != "clip" or family.rope != "1d" or family.decoder_extras:
             manifest["format_version"] = 3
         del merged, model, spec  # the PyTorch model is not needed past this point
         gc.collect()
-        tied = precisions.is_tied(scratch / "embed.onnx", scratch / "decoder.onnx")
+        tied = precisions.is_tied(trace / "embed.onnx", trace / "decoder.onnx")
         manifest["text"]["tied_embeddings"] = tied
         if tied:
-            share_table(scratch, manifest, "fp32", options, dims.hidden_size)
-        write_manifest(scratch, manifest)  # the runtime loads the bundle through it
-        stages = [reference]
-        trained = measure_run(provenance, family, reference, samples, max_new_tokens, console)
-        if trained is not None:
-            stages.insert(0, trained)
+            share_table(trace, manifest, "fp32", precisions.PrecisionOptions(), dims.hidden_size)
+        write_manifest(trace, manifest)  # the runtime loads the bundle through it
+        trained = measure_run(run_dir, provenance, family, reference, samples, max_new_tokens, console) if run_dir else None
         with console.status("checking the fp32 bundle against PyTorch"):
-            fp32_stage, checks = measure_bundle("onnx fp32", scratch, reference, samples, max_new_tokens)
-        stages.append(fp32_stage)
+            fp32_stage, checks = measure_bundle("onnx fp32", trace, reference, samples, max_new_tokens)
         manifest["parity"] = check_fp32(checks)
-        if options.precision != "fp32" or options.vision_precision != "fp32":
-            with console.status(f"converting the graphs to {options.precision} (vision {options.vision_precision})"):
-                manifest["quantization"]["graphs"] = convert_graphs(scratch, manifest, options, tied, dims.hidden_size)
-            write_manifest(scratch, manifest)
-            label = f"onnx {options.precision}" + ("" if options.vision_precision == options.precision else f", vision {options.vision_precision}")
-            with console.status(f"measuring the {options.precision} bundle"):
-                final, checks = measure_bundle(label, scratch, reference, samples, max_new_tokens)
-            stages.append(final)
-            manifest["tolerances"] = check_precision(options, reference, final, checks)
-        else:
-            manifest["tolerances"] = {"precision": "fp32", **TOLERANCES["fp32"]}
-        manifest["fidelity"] = [fidelity_row(stage, reference, samples) for stage in stages]
-        if ort:
-            from edgetune.export.mobile import add_ort_models
+        manifests = []
+        for out, options in targets.items():
+            scratch = scratches[out]
+            for item in trace.iterdir():  # the tokenizer, preprocessor and prefix files; graphs below
+                if not item.name.endswith((".onnx", ".onnx.data")):
+                    shutil.copy2(item, scratch / item.name)
+            bundle = copy.deepcopy(manifest)
+            bundle.update(precision=options.precision, vision_precision=options.vision_precision,
+                          quantization=options.manifest_section())
+            stages = ([trained] if trained else []) + [reference, fp32_stage]
+            what = f"{options.precision}" + ("" if options.vision_precision == options.precision else f", vision {options.vision_precision}")
+            with console.status(f"writing the graphs at {what}"):
+                report = convert_graphs(trace, scratch, bundle, options, tied, dims.hidden_size)
+            if kv_prefix and options.precision == "fp16":  # the prefix is stored in the cache's dtype
+                bundle["kv_prefix"] = save_kv_prefix(prefix, scratch, "float16")
+            if options.precision != "fp32" or options.vision_precision != "fp32":
+                bundle["quantization"]["graphs"] = report
+                write_manifest(scratch, bundle)
+                with console.status(f"measuring the {what} bundle"):
+                    final, checks = measure_bundle(f"onnx {what}", scratch, reference, samples, max_new_tokens)
+                stages.append(final)
+                bundle["tolerances"] = check_precision(options, reference, final, checks)
+            else:
+                bundle["tolerances"] = {"precision": "fp32", "limits": TOLERANCES["fp32"]}
+            bundle["fidelity"] = [fidelity_row(stage, reference, samples) for stage in stages]
+            if ort:
+                from edgetune.export.mobile import add_ort_models
 
-            with console.status("converting the graphs to the ORT format"):
-                manifest["ort"] = add_ort_models(scratch, manifest)
-        write_manifest(scratch, manifest)
-    console.print(fidelity_table(manifest["fidelity"], out_dir, options))
-    console.print(f"exported {out_dir} in {time.perf_counter() - started:.0f}s", soft_wrap=True)
-    return manifest
+                with console.status(f"converting {out.name}'s graphs to the ORT format"):
+                    bundle["ort"] = add_ort_models(scratch, bundle)
+            write_manifest(scratch, bundle)
+            manifests.append(bundle)
+        del prefix
+    for out, bundle in zip(targets, manifests):
+        console.print(fidelity_table(bundle["fidelity"], out))
+    console.print(f"exported {', '.join(map(str, targets))} in {time.perf_counter() - started:.0f}s", soft_wrap=True)
+    return manifests
 
 
 # ---- stages ------------------------------------------------------------------------------------
@@ -213,14 +251,12 @@ def measure_torch(name: str, family: Any, model: Any, processor: Any, samples: l
     return Stage(name, outputs, answers)
 
 
-def measure_run(provenance: dict, family: Any, reference: Stage, samples: list[Any], max_new_tokens: int, console: Console) -> Stage | None:
-    """The training run the model was merged from, as trained (4-bit backbone + method), if it is
-    still on disk; None otherwise."""
+def measure_run(run_dir: Path, provenance: dict, family: Any, reference: Stage, samples: list[Any], max_new_tokens: int,
+                console: Console) -> Stage | None:
+    """The training run the model was merged from, as trained (4-bit backbone + method); None, with a
+    note, if it cannot be loaded any more."""
     from edgetune.merge import load_adapted
 
-    run_dir = provenance.get("run_dir")
-    if not run_dir or not (Path(run_dir) / "adapter").is_dir():
-        return None
     method = (provenance.get("method") or {}).get("name", "method")
     try:
         with console.status(f"measuring the training run {run_dir} (PyTorch)"):
@@ -294,23 +330,25 @@ def check_precision(options: Any, reference: Stage, final: Stage, checks: list[d
 # ---- precision ---------------------------------------------------------------------------------
 
 
-def convert_graphs(scratch: Path, manifest: dict, options: Any, tied: bool, hidden: int) -> dict:
-    """Each fp32 graph at its precision, in place; returns per graph what was quantized."""
+def convert_graphs(trace: Path, scratch: Path, manifest: dict, options: Any, tied: bool, hidden: int) -> dict:
+    """Each fp32 graph of ``trace`` written into ``scratch`` at its precision (updating the manifest's
+    graphs); returns per graph what was quantized."""
     report = {}
     keep = {  # float32 at the graph boundary at fp16: what the runtime writes and reads
         "vision": [v["name"] for v in manifest["graphs"]["vision"]["inputs"] + manifest["graphs"]["vision"]["outputs"]],
         "embed": ["inputs_embeds"],
         "decoder": [v["name"] for v in manifest["graphs"]["decoder"]["inputs"] if not v["name"].startswith("past_key_values.")] + ["logits"],
     }
-    report["vision"] = precisions.convert_graph(scratch / "vision.onnx", options.vision_precision, options, keep["vision"])
-    report["decoder"] = precisions.convert_graph(scratch / "decoder.onnx", options.precision, options, keep["decoder"])
-    if tied and precisions.can_share(options.precision, options, hidden):
+    for name, precision in (("vision", options.vision_precision), ("decoder", options.precision)):
+        report[name] = precisions.convert_graph(trace / f"{name}.onnx", scratch / f"{name}.onnx", precision, options, keep[name])
+    if tied and options.precision != "fp32":
+        if not precisions.can_share(options.precision, options, hidden):
+            raise UserError(f"--block-size {options.block_size}: a tied embedding table of width {hidden} needs a block size that divides it")
         share_table(scratch, manifest, options.precision, options, hidden)
         report["embed"] = {"shared_with": "decoder.onnx"}
-    else:
-        if tied:  # the embed graph still points into the fp32 decoder's data: re-trace would be needed
-            raise UserError(f"--block-size {options.block_size}: a tied embedding table of width {hidden} needs a block size that divides it")
-        report["embed"] = precisions.convert_graph(scratch / "embed.onnx", options.precision, options, keep["embed"], op_type="Gather")
+    else:  # at fp32 a tied embed.onnx already reads decoder.onnx.data
+        report["embed"] = precisions.convert_graph(trace / "embed.onnx", scratch / "embed.onnx", options.precision, options,
+                                                   keep["embed"], op_type="Gather")
     for name in ("vision", "embed", "decoder"):
         manifest["graphs"][name] = describe_graph(scratch / f"{name}.onnx")
     return report
@@ -321,7 +359,7 @@ def share_table(scratch: Path, manifest: dict, precision: str, options: Any, hid
     manifest["graphs"]["embed"] = describe_graph(scratch / "embed.onnx")
 
 
-def fidelity_table(rows: list[dict], out_dir: Path, options: Any) -> Table:
+def fidelity_table(rows: list[dict], out_dir: Path) -> Table:
     table = Table(title=f"fidelity of {out_dir} against the merged fp32 model")
     for column in ("stage", "accuracy", "agree", "max |Δlogit|", "mean |Δlogit|", "KL", "MB"):
         table.add_column(column, justify="left" if column == "stage" else "right")
@@ -395,6 +433,7 @@ def save_kv_prefix(prefix: list[tuple[torch.Tensor, torch.Tensor]], out_dir: Pat
     for i, (key, value) in enumerate(prefix):
         tensors[f"past_key_values.{i}.key"] = key.float().contiguous().numpy().astype(dtype)
         tensors[f"past_key_values.{i}.value"] = value.float().contiguous().numpy().astype(dtype)
+    (out_dir / KV_PREFIX_FILE).unlink(missing_ok=True)  # a new file, not the hard-linked trace's
     save_numpy(tensors, str(out_dir / KV_PREFIX_FILE))
     return {"file": KV_PREFIX_FILE, "length": int(prefix[0][0].shape[1])}
 
@@ -411,4 +450,7 @@ def source_of(model_dir: Path) -> dict:
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
-    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    """Write manifest.json as a new file (bundles of one export hard-link the trace's files)."""
+    scratch = out_dir / f".{MANIFEST_FILE}.tmp"
+    scratch.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(scratch, out_dir / MANIFEST_FILE)

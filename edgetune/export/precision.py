@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,32 +107,79 @@ def precision_options(
 # ---- one graph at a time ----------------------------------------------------------------------
 
 
-def convert_graph(path: Path, precision: str, options: PrecisionOptions, keep_fp32: list[str], op_type: str = "MatMul") -> dict:
-    """Rewrite ``path`` (an fp32 graph with external data) at ``precision`` in place.
+def convert_graph(source: Path, target: Path, precision: str, options: PrecisionOptions, keep_fp32: list[str],
+                  op_type: str = "MatMul") -> dict:
+    """Write the fp32 graph ``source`` (with its external data) as ``target`` at ``precision``.
 
     keep_fp32: graph inputs and outputs that stay float32 at fp16. op_type: the weights quantized at
     int4/int8: "MatMul" (linear layers) or "Gather" (the embedding table). Returns the manifest's
     record of what was done: how many weights were quantized and how many kept float.
     """
     if precision == "fp32":
+        shutil.copyfile(source, target)
+        data = source.with_name(source.name + ".data")
+        if data.exists():  # a tied embed.onnx has none: it reads decoder.onnx.data
+            shutil.copyfile(data, target.with_name(target.name + ".data"))
         return {}
-    model = onnx.load(str(path))
+    model = onnx.load(str(source))
     if precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
+        outputs_from_nodes(model)
         with quiet_quantizer():
             model = convert_float_to_float16(model, keep_io_types=keep_fp32, disable_shape_infer=True)
         report = {}
-    elif op_type == "MatMul" and path.stem == "decoder" and BITS[precision] != options.lm_head_bits:
+    elif op_type == "MatMul" and source.stem == "decoder" and precision == "int4" and options.lm_head_bits != 4:
+        gemm_to_matmul(model)
         # The LM head at its own width: the rest first (head excluded), then the head alone.
         head = lm_head_node(model).name
         model, report = quantize_weights(model, BITS[precision], options, op_type, skip={head})
         model, head_report = quantize_weights(model, options.lm_head_bits, options, op_type, only={head})
-        report["lm_head_bits"] = options.lm_head_bits
+        report = {key: report[key] + head_report[key] for key in report}
     else:
+        gemm_to_matmul(model)
         model, report = quantize_weights(model, BITS[precision], options, op_type)
-    save_with_external_data(model, path)
+    save_with_external_data(model, target)
     return report
+
+
+def gemm_to_matmul(model: onnx.ModelProto) -> None:
+    """Gemm with a constant weight (what torch.onnx writes for a linear layer on 2-D input, e.g.
+    Qwen2-VL's vision blocks over [patches, dim]) -> MatMul on the [K, N] weight (+ Add for a bias),
+    the form MatMulNBitsQuantizer takes."""
+    inits = {init.name: init for init in model.graph.initializer}
+    for index, node in enumerate(list(model.graph.node)):
+        if node.op_type != "Gemm" or node.input[1] not in inits:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            continue
+        weight = inits[node.input[1]]
+        if attrs.get("transB", 0):
+            array = numpy_helper.to_array(weight).T.copy()
+            model.graph.initializer.remove(weight)
+            weight = numpy_helper.from_array(array, weight.name)
+            model.graph.initializer.append(weight)
+            inits[weight.name] = weight
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        new = [helper.make_node("MatMul", [node.input[0], weight.name], [product], name=f"{node.name}_matmul")]
+        if has_bias:
+            new.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
+        position = list(model.graph.node).index(node)
+        model.graph.node.remove(node)
+        for offset, added in enumerate(new):
+            model.graph.node.insert(position + offset, added)
+
+
+def outputs_from_nodes(model: onnx.ModelProto) -> None:
+    """A graph output that is an initializer (LLaVA-NeXT's image_newline) gets an Identity node in
+    front, so that the fp16 converter can cast it back to fp32 under its own name."""
+    for init in model.graph.initializer:
+        if any(output.name == init.name for output in model.graph.output):
+            stored = f"{init.name}_value"
+            model.graph.node.append(helper.make_node("Identity", [stored], [init.name], name=f"{init.name}_output"))
+            init.name = stored
 
 
 def weight_nodes(model: onnx.ModelProto, op_type: str) -> list[tuple[onnx.NodeProto, int]]:
