@@ -177,3 +177,18 @@ def test_ort_on_an_opset_the_converter_cannot_take(tiny_llava_dir, tmp_path, mon
         monkeypatch.setattr(export_module, "OPSET", 99)
         export_bundle(tiny_llava_dir, tmp_path / "bundle", ort=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_int4_ort_twins_answer_as_the_onnx_graphs(tiny_llava_dir, tmp_path):
+    """--ort at int4: the ORT-format graphs (GatherBlockQuantized over uint8 data, MatMulNBits) load,
+    stay within the precision's limits, and give the .onnx graphs' greedy tokens."""
+    manifest = export_bundle(tiny_llava_dir, tmp_path / "bundle", "int4", eval_samples=0, ort=True)
+    twin = manifest["ort"]["fidelity"]
+    assert twin["kl"] <= manifest["tolerances"]["limits"]["kl"]
+    assert abs(twin["kl"] - manifest["fidelity"][-1]["kl"]) < 0.05
+    onnx_vlm = OnnxVLM.load(tmp_path / "bundle", model_format="onnx")
+    ort_vlm = OnnxVLM.load(tmp_path / "bundle", model_format="ort")
+    for index in range(2):
+        image = parity_image(index)
+        assert ort_vlm.generate_ids(image, "What color is the shape?", max_new_tokens=6) == onnx_vlm.generate_ids(
+            image, "What color is the shape?", max_new_tokens=6)

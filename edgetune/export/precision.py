@@ -211,8 +211,8 @@ def quantize_weights(model: onnx.ModelProto, bits: int, options: PrecisionOption
     report = {"quantized_weights": len(chosen), "float_weights": len(nodes) - len(chosen)}
     if not chosen:
         return model, report
-    if op_type == "Gather" and bits == 8:  # MatMulNBitsQuantizer quantizes Gather at 4 bits only
-        return gather_to_8_bits(model, options, set(chosen)), report
+    if op_type == "Gather":
+        return block_quantized_gathers(model, bits, options, set(chosen)), report
     config = DefaultWeightOnlyQuantConfig(
         block_size=options.block_size,
         is_symmetric=options.symmetric,
@@ -227,25 +227,31 @@ def quantize_weights(model: onnx.ModelProto, bits: int, options: PrecisionOption
     return quantizer.model.model, report
 
 
-def gather_to_8_bits(model: onnx.ModelProto, options: PrecisionOptions, names: set[str]) -> onnx.ModelProto:
-    """Gather on a constant [vocab, hidden] table -> GatherBlockQuantized with 8-bit uint8 data,
-    quantized per row in blocks along hidden by onnxruntime's own block quantizer (the bytes
-    MatMulNBits uses: the table is quantized as the weight [hidden, vocab] of a MatMul)."""
+def block_quantized_gathers(model: onnx.ModelProto, bits: int, options: PrecisionOptions, names: set[str]) -> onnx.ModelProto:
+    """Gather on a constant [vocab, hidden] table -> GatherBlockQuantized over uint8 data, quantized per
+    row in blocks along hidden by onnxruntime's own block quantizer (the table quantized as the
+    weight [hidden, vocab] of a MatMul: MatMulNBits' bytes, as a tied table shares them).
+
+    Not MatMulNBitsQuantizer's own Gather path: it stores 4-bit tables as the INT4 tensor type,
+    which the ORT format cannot hold, and has no 8-bit Gather."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
-    config = DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric, bits=8)
+    config = DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric, bits=bits)
     quantizer = DefaultWeightOnlyQuantizer(config)
     inits = {init.name: init for init in model.graph.initializer}
     for index, node in enumerate(list(model.graph.node)):
         if node.name not in names:
             continue
         table = inits[node.input[0]]
-        packed, scales, zero_points = quantizer.qbits_block_quant(numpy_helper.to_array(table).T.copy())
-        new = block_quantized_gather(node, table.name, packed, scales, zero_points if not options.symmetric else None, 8, options)
+        with quiet_quantizer():
+            packed, scales, zero_points = quantizer.qbits_block_quant(numpy_helper.to_array(table).T.copy())
+        new = block_quantized_gather(node, table.name, packed, scales, None if options.symmetric else zero_points, bits, options)
         model.graph.initializer.extend(new.initializers)
         model.graph.node.remove(node)
         model.graph.node.insert(index, new.node)
         model.graph.initializer.remove(table)
+    if not any(opset.domain == MSFT for opset in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MSFT, 1))
     return model
 
 
