@@ -36,6 +36,21 @@ def test_quickstart_lifts_held_out_accuracy_in_pytorch_and_onnx(quickstart_out):
     assert 0 < summary["trainable_params"] < summary["total_params"]
 
 
+def test_quickstart_compares_every_precision(quickstart_out):
+    """bundle/ at the chosen precision (fp32 by default), the others in bundles/, from one trace; each
+    smaller than the one above it, each answering the held-out questions (fidelity chain)."""
+    summary = json.loads((quickstart_out / "summary.json").read_text())
+    rows = summary["precisions"]
+    assert list(rows) == ["fp32", "fp16", "int8", "int4"]
+    sizes = [rows[p]["bundle_mb"] for p in rows]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < 0.6 * sizes[0]
+    assert rows["fp32"]["accuracy"] == summary["accuracy_after_onnx"] and rows["fp32"]["agreement"] == 1.0
+    for precision in ("fp16", "int8", "int4"):
+        manifest = json.loads((quickstart_out / "bundles" / precision / "manifest.json").read_text())
+        assert manifest["precision"] == precision and manifest["fidelity"][-1]["accuracy"] == rows[precision]["accuracy"]
+        assert rows[precision]["accuracy"] >= 0.5 * rows["fp32"]["accuracy"]  # the benchmark's bar is 98%/99%
+
+
 def test_quickstart_leaves_a_rerunnable_recipe_and_every_artifact(quickstart_out):
     for part in ("model/config.json", "data/train.json", "data/eval.json", "recipe.yaml", "run/adapter",
                  "run/loss.png", "merged/model.safetensors", "bundle/manifest.json", "summary.json"):
