@@ -22,7 +22,7 @@ shape, then merged. ``--max-gb`` kills a child whose tree grows past it (recorde
 run cannot take the shared machine down.
 
     python benchmarks/bench_export.py [smolvlm-256m qwen2-vl-2b ...] [--work DIR] [--model-dir DIR]
-        [--precisions fp32,fp16,int8,int4] [--merge] [--max-gb 14]
+        [--precisions fp32,fp16,int8,int4] [--merge] [--max-gb 14] [--edgetune-src DIR]
 
 Prints a markdown table per shape and ends with one line ``RESULT {json}``.
 """
@@ -52,6 +52,7 @@ GB = 1e9
 TWO_GB = 2**31  # protobuf's ceiling for one serialized message
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 STATUS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM")
+SOURCE_TREE = ""  # --edgetune-src
 
 # Runs inside the child (edgetune itself, unchanged) when EDGETUNE_BENCH_TIMELINE names a file.
 SITECUSTOMIZE = r'''
@@ -174,6 +175,8 @@ def run_measured(command: list[str], log: Path, limit_gb: float | None, stages: 
     """Run ``command`` in its own process group with the tree sampler (and the in-child stage
     timeline); returns wall time, exit code, peaks in bytes and the timeline's rows."""
     env = dict(os.environ)
+    if SOURCE_TREE:  # another checkout's edgetune, imported ahead of the installed one
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [SOURCE_TREE, env.get("PYTHONPATH")]))
     timeline = log.with_suffix(".timeline.jsonl")
     site_dir = None
     if stages:
@@ -191,6 +194,10 @@ def run_measured(command: list[str], log: Path, limit_gb: float | None, stages: 
     wall = time.perf_counter() - started
     sampler.stop.set()
     sampler.join()
+    if sampler.killed_at and "--out" in command:  # SIGKILL skips atomic_output_dir's cleanup
+        out = Path(command[command.index("--out") + 1])
+        for partial in out.parent.glob(f".{out.name}.partial-*"):
+            shutil.rmtree(partial, ignore_errors=True)
     if site_dir:
         shutil.rmtree(site_dir, ignore_errors=True)
     rows = [json.loads(line) for line in timeline.read_text().splitlines() if line.strip()] if timeline.is_file() else []
@@ -210,26 +217,40 @@ def run_measured(command: list[str], log: Path, limit_gb: float | None, stages: 
     }
 
 
-def stage_table(rows: list[dict]) -> list[dict]:
-    """Per stage (in order of first appearance): seconds spent, peak RSS and anonymous memory,
-    and the libraries seen below edgetune while it ran."""
-    stages: dict[str, dict] = {}
-    previous_t = 0.0
+def stage_table(rows: list[dict], min_s: float = 2.0) -> list[dict]:
+    """The timeline as contiguous segments of one stage (the same edgetune functions on the stack),
+    in order: start, seconds, peak RSS and anonymous memory, the library below edgetune. Segments
+    shorter than ``min_s`` are folded into the one before, unless they raise the peak so far."""
+    segments: list[dict] = []
+    peak = 0
     for row in rows:
         name = row.get("stage") or "(startup)"
         if name == "exit":
             continue
-        entry = stages.setdefault(name, {"stage": name, "first_s": row["t"], "s": 0.0, "peak_rss": 0, "peak_anon": 0, "libs": {}})
-        entry["s"] += row["t"] - previous_t
-        previous_t = row["t"]
-        entry["peak_rss"] = max(entry["peak_rss"], row.get("VmRSS", 0))
-        entry["peak_anon"] = max(entry["peak_anon"], row.get("RssAnon", 0))
+        rss, anon = row.get("VmRSS", 0), row.get("RssAnon", 0)
+        if not segments or segments[-1]["stage"] != name:
+            segments.append({"stage": name, "first_s": row["t"], "last_s": row["t"], "peak_rss": 0, "peak_anon": 0, "libs": {}})
+        segment = segments[-1]
+        segment["last_s"] = row["t"]
+        segment["peak_rss"], segment["peak_anon"] = max(segment["peak_rss"], rss), max(segment["peak_anon"], anon)
         if row.get("lib"):
-            entry["libs"][row["lib"]] = entry["libs"].get(row["lib"], 0) + 1
-    for entry in stages.values():
-        entry["s"] = round(entry["s"], 1)
-        entry["libs"] = [lib for lib, _ in sorted(entry["libs"].items(), key=lambda kv: -kv[1])[:2]]
-    return list(stages.values())
+            segment["libs"][row["lib"]] = segment["libs"].get(row["lib"], 0) + 1
+    kept: list[dict] = []
+    for segment in segments:
+        raises_peak = segment["peak_rss"] > peak
+        peak = max(peak, segment["peak_rss"])
+        if kept and segment["last_s"] - segment["first_s"] < min_s and not raises_peak:
+            kept[-1]["last_s"] = segment["last_s"]
+            kept[-1]["peak_anon"] = max(kept[-1]["peak_anon"], segment["peak_anon"])
+            kept[-1]["peak_rss"] = max(kept[-1]["peak_rss"], segment["peak_rss"])
+            continue
+        kept.append(segment)
+    for i, segment in enumerate(kept):
+        end = kept[i + 1]["first_s"] if i + 1 < len(kept) else segment["last_s"]
+        segment["s"] = round(end - segment["first_s"], 1)
+        segment["libs"] = [lib for lib, _ in sorted(segment["libs"].items(), key=lambda kv: -kv[1])[:2]]
+        del segment["last_s"]
+    return kept
 
 
 # ---- model, bundle and CLI facts -------------------------------------------------------------------
@@ -264,6 +285,8 @@ def offered_precisions(help_text: str) -> tuple[set[str], bool]:
 
 def export_help() -> str:
     env = dict(os.environ, COLUMNS="200", NO_COLOR="1", TERM="dumb")
+    if SOURCE_TREE:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [SOURCE_TREE, env.get("PYTHONPATH")]))
     return subprocess.run(["edgetune", "export", "--help"], capture_output=True, text=True, env=env).stdout
 
 
@@ -436,12 +459,16 @@ def main() -> None:
     parser.add_argument("--max-gb", type=float, default=14.0, help="kill a child whose process tree's RSS passes this")
     parser.add_argument("--no-stages", dest="stages", action="store_false", help="no in-child stage timeline")
     parser.add_argument("--keep-bundles", action="store_true")
+    parser.add_argument("--edgetune-src", type=Path, default=None,
+                        help="run the edgetune package found in this directory (e.g. `git archive REV | tar -x -C DIR`) instead of the installed one")
     args = parser.parse_args()
+    global SOURCE_TREE
+    SOURCE_TREE = str(args.edgetune_src.resolve()) if args.edgetune_src else ""
     if args.model_dir and len(args.shapes) != 1:
         parser.error("--model-dir goes with exactly one shape")
     work_root = args.work or Path(tempfile.mkdtemp(prefix="bench-export-"))
     precisions = ["fp32"] + [p for p in args.precisions.split(",") if p and p != "fp32"]
-    result = {"machine": machine(), "mode": "merge" if args.merge else "export", "shapes": {}}
+    result = {"machine": machine(), "mode": "merge" if args.merge else "export", "edgetune_src": SOURCE_TREE or "installed", "shapes": {}}
     for shape in args.shapes:
         work = work_root / shape
         work.mkdir(parents=True, exist_ok=True)
