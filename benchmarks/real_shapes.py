@@ -237,6 +237,8 @@ def build_from_spec(spec: dict, out_dir: Path, dtype: str = "float32", max_shard
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob("model*.safetensors"), *out_dir.glob("model.safetensors.index.json")]:
+        stale.unlink()  # an earlier build's shards would be read beside this one's
     family = FAMILIES[spec["family"]]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
