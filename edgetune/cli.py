@@ -148,7 +148,9 @@ def export(
     block_size: int = typer.Option(32, "--block-size", help="int4/int8: input features per quantization block (a power of two >= 16)."),
     accuracy_level: int = typer.Option(4, "--accuracy-level", help="int4/int8: MatMulNBits compute type, 0 (fp32) to 4 (int8, fastest on CPU)."),
     asymmetric: bool = typer.Option(False, "--asymmetric", help="int4/int8: a zero point per block (default: symmetric)."),
-    lm_head_bits: int = typer.Option(4, "--lm-head-bits", help="int4: bits of the LM head (and of a table tied to it), 4 or 8."),
+    lm_head_bits: Optional[int] = typer.Option(
+        None, "--lm-head-bits", help="int4: bits of the LM head (and of a table tied to it), 4 or 8 (default: 8 if tied, else 4)."
+    ),
     eval_samples: int = typer.Option(64, "--eval-samples", help="Held-out questions each fidelity stage answers (0: none)."),
     ort: bool = typer.Option(False, "--ort", help="Also write ORT-format graphs (+ required_operators.config) for mobile builds."),
     overwrite: bool = typer.Option(False, "--overwrite"),

@@ -88,7 +88,7 @@ def export_bundle(
     block_size: int = precisions.DEFAULT_BLOCK_SIZE,
     accuracy_level: int = precisions.DEFAULT_ACCURACY_LEVEL,
     symmetric: bool = True,
-    lm_head_bits: int = 4,
+    lm_head_bits: int | None = None,
     eval_samples: int = DEFAULT_EVAL_SAMPLES,
     ort: bool = False,
     run_dir: Path | None = None,
@@ -186,7 +186,7 @@ def export_bundles(
         manifest["parity"] = check_fp32(checks)
         manifests = []
         for out, options in targets.items():
-            scratch = scratches[out]
+            scratch, options = scratches[out], options.for_table(tied)
             for item in trace.iterdir():  # the tokenizer, preprocessor and prefix files; graphs below
                 if not item.name.endswith((".onnx", ".onnx.data")):
                     shutil.copy2(item, scratch / item.name)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +59,9 @@ class PrecisionOptions:
     block_size: int = DEFAULT_BLOCK_SIZE  # input features per quantization block (int4/int8)
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL  # MatMulNBits compute type (int4/int8)
     symmetric: bool = True  # int4/int8: zero point fixed at the middle of the range
-    lm_head_bits: int = 4  # int4 bundles: the LM head's (and a table tied to it) bits, 4 or 8
+    # int4 bundles: the LM head's bits, 4 or 8 (and so a table tied to it); None: 8 when the table is
+    # tied (it is then the model's input as well as its output), else 4. Resolved by ``for_table``.
+    lm_head_bits: int | None = None
 
     def manifest_section(self) -> dict:
         return {
@@ -70,6 +72,10 @@ class PrecisionOptions:
             "symmetric": self.symmetric if self.quantized else None,
             "lm_head_bits": self.lm_head_bits if self.precision in BITS else None,
         }
+
+    def for_table(self, tied: bool) -> PrecisionOptions:
+        """These options with lm_head_bits decided for a tied or untied embedding table."""
+        return replace(self, lm_head_bits=self.lm_head_bits or (8 if tied else 4))
 
     @property
     def quantized(self) -> bool:
@@ -82,7 +88,7 @@ def precision_options(
     block_size: int = DEFAULT_BLOCK_SIZE,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     symmetric: bool = True,
-    lm_head_bits: int = 4,
+    lm_head_bits: int | None = None,
 ) -> PrecisionOptions:
     """Check the export options before anything is written; UserError names the option."""
     if precision not in PRECISIONS:
@@ -99,7 +105,7 @@ def precision_options(
         raise UserError(f"--block-size {block_size}: accepted values are powers of two >= 16 (16, 32, 64, 128, ...)")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise UserError(f"--accuracy-level {accuracy_level}: accepted values are 0, 1, 2, 3, 4 (MatMulNBits' compute types)")
-    if lm_head_bits not in (4, 8):
+    if lm_head_bits not in (None, 4, 8):
         raise UserError(f"--lm-head-bits {lm_head_bits}: accepted values are 4, 8")
     return PrecisionOptions(precision, vision_precision, block_size, accuracy_level, symmetric, lm_head_bits)
 
@@ -129,7 +135,7 @@ def convert_graph(source: Path, target: Path, precision: str, options: Precision
         with quiet_quantizer():
             model = convert_float_to_float16(model, keep_io_types=keep_fp32, disable_shape_infer=True)
         report = {}
-    elif op_type == "MatMul" and source.stem == "decoder" and precision == "int4" and options.lm_head_bits != 4:
+    elif op_type == "MatMul" and source.stem == "decoder" and precision == "int4" and (options.lm_head_bits or 4) != 4:
         gemm_to_matmul(model)
         # The LM head at its own width: the rest first (head excluded), then the head alone.
         head = lm_head_node(model).name
@@ -326,7 +332,7 @@ def share_tied_table(embed_path: Path, decoder_path: Path, precision: str, optio
             view.dims[:] = [vocab, int(np.prod(view.dims)) // vocab]
         inputs = [shared[0].name, "input_ids", *[view.name for view in shared[1:]]]
         nodes = [helper.make_node("GatherBlockQuantized", inputs, ["inputs_embeds"], domain=MSFT, gather_axis=0,
-                                  quantize_axis=1, block_size=options.block_size, bits=BITS[precision])]
+                                  quantize_axis=1, block_size=options.block_size, bits=head_bits(precision, options))]
     else:
         rows = "rows" if precision == "fp16" else "inputs_embeds"
         nodes = [helper.make_node("Gather", [shared[0].name, "input_ids"], ["columns"], axis=1),
@@ -338,6 +344,11 @@ def share_tied_table(embed_path: Path, decoder_path: Path, precision: str, optio
     for stale in (embed_path, embed_path.with_name(embed_path.name + ".data")):
         stale.unlink(missing_ok=True)
     onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=10), str(embed_path))
+
+
+def head_bits(precision: str, options: PrecisionOptions) -> int:
+    """The LM head's bits in a bundle at ``precision`` (int4 or int8)."""
+    return (options.lm_head_bits or 4) if precision == "int4" else BITS[precision]
 
 
 def can_share(precision: str, options: PrecisionOptions, hidden: int) -> bool:
