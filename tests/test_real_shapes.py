@@ -23,6 +23,14 @@ SHRINK = {
     "qwen2_vl": {"text_config": {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
                                  "num_key_value_heads": 2, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}},
                  "vision_config": {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2}},
+    "paligemma": {"hidden_size": 64, "projection_dim": 64,
+                  "text_config": {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                  "num_key_value_heads": 1, "head_dim": 16},
+                  "vision_config": {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                    "projection_dim": 64}},
+    "llava": {"text_config": {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+                              "num_key_value_heads": 4, "head_dim": 16},
+              "vision_config": {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2}},
 }
 
 
@@ -58,7 +66,8 @@ def shrunk(name):
     return shape
 
 
-@pytest.mark.parametrize("name", ["smolvlm-256m", "qwen2-vl-2b"])  # untied / tied head + key renaming on save
+# untied head / tied head and keys renamed on save / tied, Gemma's norms / CLIP's own initialization
+@pytest.mark.parametrize("name", ["smolvlm-256m", "qwen2-vl-2b", "paligemma-3b-224", "llava-1.5-7b"])
 def test_streamed_weights_are_what_save_pretrained_writes(name, tmp_path):
     from safetensors import safe_open
 
