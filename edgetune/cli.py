@@ -143,7 +143,7 @@ def export(
     out: Optional[Path] = typer.Option(None, "--out", help="Bundle directory (default: export/<name>)."),
     precision: str = typer.Option("fp32", "--precision", help="Decoder and embedding weights: fp32, fp16, int8 or int4."),
     vision_precision: Optional[str] = typer.Option(
-        None, "--vision-precision", help="Vision graph weights: fp32, fp16 or int8, never below --precision (default: fp32, fp16, int8, int8)."
+        None, "--vision-precision", help="Vision graph weights: fp32, fp16, int8 or int4, never below --precision (default: fp32, fp16, int8, int8)."
     ),
     block_size: int = typer.Option(32, "--block-size", help="int4/int8: input features per quantization block (a power of two >= 16)."),
     accuracy_level: int = typer.Option(4, "--accuracy-level", help="int4/int8: MatMulNBits compute type, 0 (fp32) to 4 (int8, fastest on CPU)."),

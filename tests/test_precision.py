@@ -154,11 +154,11 @@ def test_block_size_wider_than_a_layer_keeps_that_layer_float(tiny_llava_dir, tm
     [
         (["--precision", "int3"], ["--precision int3", "fp32, fp16, int8, int4"]),
         (["--precision", "fp32", "--vision-precision", "int8"], ["--vision-precision int8", "--precision fp32", "accepted values are fp32"]),
-        (["--precision", "int4", "--vision-precision", "int4"], ["--vision-precision int4", "fp32, fp16, int8"]),
+        (["--precision", "int8", "--vision-precision", "int4"], ["--vision-precision int4", "with --precision int8", "fp32, fp16, int8"]),
         (["--precision", "int4", "--block-size", "24"], ["--block-size 24", "powers of two >= 16"]),
         (["--precision", "int4", "--block-size", "8"], ["--block-size 8", "powers of two >= 16"]),
     ],
-    ids=["int3", "vision-without-decoder", "vision-int4", "block-24", "block-8"],
+    ids=["int3", "vision-without-decoder", "vision-below-decoder", "block-24", "block-8"],
 )
 def test_bad_export_options_are_one_line_and_write_nothing(options, needles, tiny_llava_dir, tmp_path):
     result = run("export", tiny_llava_dir, "--out", tmp_path / "bundle", *options)

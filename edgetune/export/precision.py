@@ -41,9 +41,9 @@ from edgetune.errors import UserError
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 BITS = {"int4": 4, "int8": 8}
-# Most to least precise; a vision graph is never quantized more than its decoder, and never to 4 bits
-# (a ViT's attention and MLP inputs are less tolerant than a decoder's, and the vision graph runs once).
-VISION_PRECISIONS = ("fp32", "fp16", "int8")
+# A vision graph is never quantized more than its decoder. It defaults to int8 under an int4 decoder
+# (it runs once per image, so its bits cost size, not decode speed); int4 is the user's choice.
+VISION_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 DEFAULT_VISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int8"}
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_ACCURACY_LEVEL = 4
@@ -99,7 +99,7 @@ def precision_options(
     if vision_precision not in allowed:
         raise UserError(
             f"--vision-precision {vision_precision}: with --precision {precision} the accepted values are "
-            f"{', '.join(allowed)} (the vision graph is never quantized more than the decoder, nor to int4)"
+            f"{', '.join(allowed)} (the vision graph is never quantized more than the decoder)"
         )
     if block_size < 16 or block_size & (block_size - 1):
         raise UserError(f"--block-size {block_size}: accepted values are powers of two >= 16 (16, 32, 64, 128, ...)")
