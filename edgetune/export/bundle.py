@@ -24,7 +24,6 @@ Everything a family does differently at the prompt/image boundary comes from its
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import os
 import shutil
@@ -58,7 +57,7 @@ from edgetune.export.parity import (
 )
 from edgetune.families import family_of_model_dir
 from edgetune.io import atomic_output_dir
-from edgetune.merge import load_merged
+from edgetune.merge import load_merged, page_out_checkpoint, release_memory
 from edgetune.methods.modules import methods_disabled
 from edgetune.runtime import OnnxVLM
 from edgetune.runtime.bundle import KV_PREFIX_FILE, MANIFEST_FILE
@@ -174,7 +173,8 @@ def export_bundles(
         if image["codec"] != "clip" or family.rope != "1d" or family.decoder_extras:
             manifest["format_version"] = 3
         del merged, model, spec  # the PyTorch model is not needed past this point
-        gc.collect()
+        release_memory()
+        page_out_checkpoint()
         tied = precisions.is_tied(trace / "embed.onnx", trace / "decoder.onnx")
         manifest["text"]["tied_embeddings"] = tied
         if tied:
@@ -271,7 +271,7 @@ def measure_run(run_dir: Path, provenance: dict, family: Any, reference: Stage, 
         console.print(f"[yellow]not measuring the training run: {err}")
         return None
     del backbone, model
-    gc.collect()
+    release_memory()
     return stage
 
 
@@ -288,7 +288,7 @@ def measure_bundle(name: str, bundle_dir: Path, reference: Stage, samples: list[
             checks.append({"graph": f"{graph}.onnx", "inputs": inputs, "max_abs_diff": diff})
     answers = answers_with_bundle(vlm, samples, max_new_tokens) if samples else None
     del vlm
-    gc.collect()
+    release_memory()
     size = sum(f.stat().st_size for f in bundle_dir.rglob("*") if f.is_file()) / 2**20
     return Stage(name, outputs, answers, size), checks
 

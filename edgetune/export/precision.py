@@ -307,13 +307,28 @@ def lm_head_weights(decoder: onnx.ModelProto) -> list[onnx.TensorProto]:
 
 
 def is_tied(embed_path: Path, decoder_path: Path) -> bool:
-    """Whether the fp32 LM head's weight [hidden, vocab] is exactly the embedding table transposed."""
-    embed = onnx.load(str(embed_path))
-    table = [init for init in embed.graph.initializer if len(init.dims) == 2]
-    head = lm_head_weights(onnx.load(str(decoder_path)))
+    """Whether the fp32 LM head's weight [hidden, vocab] is exactly the embedding table transposed.
+    Both are compared where they lie in the graphs' data files (memory-mapped, not loaded: at the
+    Qwen2-VL-2B shape loading decoder.onnx would take 6 GB)."""
+    table = [init for init in onnx.load(str(embed_path), load_external_data=False).graph.initializer if len(init.dims) == 2]
+    head = lm_head_weights(onnx.load(str(decoder_path), load_external_data=False))
     if len(table) != 1 or len(head) != 1 or list(head[0].dims) != list(table[0].dims)[::-1]:
         return False
-    return bool(np.array_equal(numpy_helper.to_array(table[0]).T, numpy_helper.to_array(head[0])))
+    head_array = stored_array(head[0], decoder_path)
+    table_array = stored_array(table[0], embed_path)
+    rows = 4096  # compare a slab of vocabulary rows at a time: the transpose is a strided copy
+    return all(np.array_equal(table_array[start : start + rows].T, head_array[:, start : start + rows])
+               for start in range(0, table_array.shape[0], rows))
+
+
+def stored_array(init: onnx.TensorProto, graph_path: Path) -> np.ndarray:
+    """An initializer's values: a read-only memory map of its external data, or the inline array."""
+    if init.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(init)
+    entries = {entry.key: entry.value for entry in init.external_data}
+    dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
+    return np.memmap(graph_path.parent / entries["location"], dtype=dtype, mode="r",
+                     offset=int(entries.get("offset", 0)), shape=tuple(init.dims))
 
 
 def share_tied_table(embed_path: Path, decoder_path: Path, precision: str, options: PrecisionOptions, hidden: int) -> None:
