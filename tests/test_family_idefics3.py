@@ -171,6 +171,35 @@ def test_parity_with_images_of_different_tile_counts(chain):
     assert max(diffs.values()) < 1e-4, diffs
 
 
+@pytest.mark.xdist_group("idefics3-lora")
+def test_parity_runs_fewer_tiles_and_checks_the_own_settings_without_the_model(chain, tmp_path):
+    """A model whose processor makes a 4 x 4 grid (SmolVLM's 2048 px over 512 px tiles; here 128 over 32):
+    the export's parity runs its images at two tiles a side (5 frames instead of 17), checks the runtime's
+    tokens and pixels at the model's own settings against the HF processor, and the bundle still answers
+    as PyTorch does at those settings."""
+    import shutil
+
+    from edgetune.export import export_bundle
+    from edgetune.export.parity import compare_with_pytorch, parity_image
+    from edgetune.merge import load_merged
+    from edgetune.runtime import OnnxVLM
+
+    *_, root = chain
+    model_dir = shutil.copytree(root / "merged", tmp_path / "merged")
+    config = json.loads((model_dir / "preprocessor_config.json").read_text())
+    config["size"] = {"longest_edge": 128}
+    (model_dir / "preprocessor_config.json").write_text(json.dumps(config))
+    manifest = export_bundle(model_dir, tmp_path / "bundle", eval_samples=0)
+    assert manifest["image"]["preprocess"]["longest_edge"] == 128 and manifest["parity"]["processor"] == {"longest_edge": 64}
+    own = [check for check in manifest["parity"]["checks"] if check["graph"] == "preprocessing"]
+    assert len(own) == 2 and max(check["max_abs_diff"] for check in own) < 1e-4
+    vlm, merged = OnnxVLM.load(tmp_path / "bundle"), load_merged(model_dir)
+    images = [parity_image(0), parity_image(1)]
+    assert [vlm.encode_image(image).tokens for image in images] == [(4 * 4 + 1) * 4, (4 * 3 + 1) * 4]
+    diffs = compare_with_pytorch(merged.family, merged.model, merged.processor, vlm, images, ["What color?", "Which shape?"])
+    assert max(diffs.values()) < 1e-4, diffs
+
+
 TORCH_BLOCKED = TORCH_BLOCKER + """
 import json
 from edgetune.runtime import OnnxVLM

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 from edgetune.errors import UserError
 from edgetune.export import ParityError, bundle as export_module, export_bundle
 from edgetune.export.bundle import export_bundles
-from edgetune.export.precision import precision_options
+from edgetune.export.precision import eight_bit_block, precision_options
 from edgetune.export.parity import parity_image
 from edgetune.families import FAMILIES
 from edgetune.runtime import OnnxVLM
@@ -113,7 +113,8 @@ def test_every_precision_exports_within_tolerance(family, pipeline, tmp_path):
 
 def expected_int4_bytes(decoder_path, head_bits: int, block: int = 32) -> float:
     """decoder.onnx.data's size at int4 from the fp32 graph: 4 bits (the LM head head_bits) and one fp32
-    scale per block for each linear weight, 4 bytes for every other stored tensor."""
+    scale per block (``block`` at 4 bits, eight_bit_block's at 8) for each linear weight,
+    4 bytes for every other stored tensor."""
     import math
 
     from edgetune.export.precision import lm_head_node, weight_nodes
@@ -126,7 +127,7 @@ def expected_int4_bytes(decoder_path, head_bits: int, block: int = 32) -> float:
         count = math.prod(init.dims)
         if init.name in linears:
             bits = head_bits if init.name == head else 4
-            total += count * bits / 8 + count / block * 4
+            total += count * bits / 8 + count / (block if bits == 4 else eight_bit_block(init.dims[0], block)) * 4
         elif count * 4 > 1024:  # smaller tensors stay inside the protobuf
             total += count * 4
     return total
@@ -161,6 +162,15 @@ def test_a_bundle_past_its_tolerance_fails_and_leaves_nothing(tiny_llava_dir, tm
     with pytest.raises(ParityError, match=r"decoder\.onnx at int4 \(vision int8\): mean KL .* is [0-9.e-]+, tolerance 0 \(max \|logit diff\|"):
         export_bundle(tiny_llava_dir, tmp_path / "bundle", "int4", eval_samples=0)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "k, block_size, expected",
+    [(768, 32, 256), (1536, 32, 256), (576, 32, 64), (64, 32, 64), (48, 32, 32), (1536, 512, 512)],
+)
+def test_eight_bit_blocks_divide_the_layer_up_to_256(k, block_size, expected):
+    """8-bit weights: the largest power of two dividing K (no padded block), at most 256, at least --block-size."""
+    assert eight_bit_block(k, block_size) == expected
 
 
 def test_block_size_wider_than_a_layer_keeps_that_layer_float(tiny_llava_dir, tmp_path):

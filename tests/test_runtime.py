@@ -17,7 +17,7 @@ from transformers import AutoProcessor
 
 from edgetune.errors import UserError
 from edgetune.export import export_bundle
-from edgetune.export.bundle import render_prompt
+from edgetune.families.export_spec import render_prompt
 from edgetune.export.parity import parity_image
 from edgetune.families import FAMILIES
 from edgetune.runtime import OnnxVLM, load_manifest

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +47,15 @@ from edgetune.export.parity import (
     ParityError,
     Stage,
     answers_with_bundle,
+    check_preprocessing,
     fidelity_row,
     graph_diffs,
     logit_figures,
     max_abs_diff,
     onnx_outputs,
     parity_batch,
+    parity_codec,
+    parity_processor,
     relative_diff,
     torch_outputs,
 )
@@ -73,7 +77,6 @@ TOLERANCES = {
     "int8": {"kl": 0.05, "vision": 0.05, "embed": 0.02},
     "int4": {"kl": 1.5, "vision": 0.05, "embed": 0.15},
 }
-PROMPT_SENTINEL = "EDGETUNE_PROMPT_SENTINEL"
 DEFAULT_EVAL_SAMPLES = 64
 
 
@@ -141,10 +144,14 @@ def export_bundles(
         with console.status(f"loading {model_dir}"):
             merged = load_merged(model_dir)  # a "graph" method's modules are attached and get traced
             model, processor = merged.model, merged.processor
+        knobs = family.parity_knobs(processor)
         with console.status("measuring the merged model (PyTorch)"):
-            reference = measure_torch("merged fp32 (pytorch)", family, model, processor, samples, max_new_tokens)
+            reference = measure_torch("merged fp32 (pytorch)", family, model, processor, samples, max_new_tokens, knobs=knobs)
             reference.size_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
         image, prompt = family.bundle_sections(model, processor, model_dir)
+        # The runtime's image section under the parity knobs, for the codec that runs the parity images.
+        parity = Parity(knobs, family.bundle_sections(model, parity_processor(family, processor, knobs), model_dir)[0]
+                        if knobs else None, processor if knobs else None, family)
         kv_prefix = merged.method is not None and merged.method.export_as == "kv_prefix"
         graphs = {}
         for spec in graph_specs(family, model, processor):
@@ -180,10 +187,10 @@ def export_bundles(
         if tied:
             share_table(trace, manifest, "fp32", precisions.PrecisionOptions(), dims.hidden_size)
         write_manifest(trace, manifest)  # the runtime loads the bundle through it
-        trained = measure_run(run_dir, provenance, family, reference, samples, max_new_tokens, console) if run_dir else None
+        trained = measure_run(run_dir, provenance, family, reference, samples, max_new_tokens, console, knobs) if run_dir else None
         with console.status("checking the fp32 bundle against PyTorch"):
-            fp32_stage, checks = measure_bundle("onnx fp32", trace, reference, samples, max_new_tokens)
-        manifest["parity"] = check_fp32(checks)
+            fp32_stage, checks = measure_bundle("onnx fp32", trace, reference, samples, max_new_tokens, parity, preprocessing=True)
+        manifest["parity"] = {**check_fp32(checks), "processor": knobs}
         manifests = []
         for out, options in targets.items():
             scratch, options = scratches[out], options.for_table(tied)
@@ -203,7 +210,7 @@ def export_bundles(
                 bundle["quantization"]["graphs"] = report
                 write_manifest(scratch, bundle)
                 with console.status(f"measuring the {what} bundle"):
-                    final, checks = measure_bundle(f"onnx {what}", scratch, reference, samples, max_new_tokens)
+                    final, checks = measure_bundle(f"onnx {what}", scratch, reference, samples, max_new_tokens, parity)
                 stages.append(final)
                 bundle["tolerances"] = check_precision(options, reference, final, checks)
             else:
@@ -215,7 +222,7 @@ def export_bundles(
                 with console.status(f"converting {out.name}'s graphs to the ORT format"):
                     bundle["ort"] = add_ort_models(scratch, bundle)
                     write_manifest(scratch, bundle)  # the runtime finds the .ort graphs through it
-                    bundle["ort"]["fidelity"] = check_ort_twin(scratch, reference, stages[-1], options)
+                    bundle["ort"]["fidelity"] = check_ort_twin(scratch, reference, stages[-1], options, parity)
             write_manifest(scratch, bundle)
             manifests.append(bundle)
         del prefix
@@ -241,21 +248,34 @@ def held_out(provenance: dict, count: int) -> tuple[list[Any], int]:
     return load_samples(Path(path))[:count], max_new_tokens
 
 
+@dataclass
+class Parity:
+    """How the parity images are run: the family's parity knobs (edgetune.export.parity), the runtime's
+    image section under them (None without knobs), and for the preprocessing check at the bundle's
+    own settings the HF processor and family."""
+
+    knobs: dict
+    image: dict | None = None
+    processor: Any = None
+    family: Any = None
+
+
 def measure_torch(name: str, family: Any, model: Any, processor: Any, samples: list[Any], max_new_tokens: int,
-                  reference: Stage | None = None) -> Stage:
-    """A PyTorch model on the parity batches (decode fed the reference's tokens) and the held-out questions."""
+                  reference: Stage | None = None, knobs: dict | None = None) -> Stage:
+    """A PyTorch model on the parity batches (under the parity ``knobs``; decode fed the reference's
+    tokens) and the held-out questions (at the processor's own settings)."""
     from edgetune.evaluate import answer_with_torch
 
     outputs = {}
     for batch in (1, 2):
         next_ids = reference.outputs[batch].next_ids if reference is not None else None
-        outputs[batch] = torch_outputs(family, model, processor, *parity_batch(batch), next_ids)
+        outputs[batch] = torch_outputs(family, model, parity_processor(family, processor, knobs), *parity_batch(batch), next_ids)
     answers = answer_with_torch(model, processor, family, samples, max_new_tokens) if samples else None
     return Stage(name, outputs, answers)
 
 
 def measure_run(run_dir: Path, provenance: dict, family: Any, reference: Stage, samples: list[Any], max_new_tokens: int,
-                console: Console) -> Stage | None:
+                console: Console, knobs: dict) -> Stage | None:
     """The training run the model was merged from, as trained (4-bit backbone + method); None, with a
     note, if it cannot be loaded any more."""
     from edgetune.merge import load_adapted
@@ -265,7 +285,7 @@ def measure_run(run_dir: Path, provenance: dict, family: Any, reference: Stage, 
         with console.status(f"measuring the training run {run_dir} (PyTorch)"):
             backbone, model, recipe = load_adapted(Path(run_dir), dequantize=False)
             name = f"{recipe.quantization.mode} + {method} (pytorch)"
-            stage = measure_torch(name, family, model, backbone.processor, samples, max_new_tokens, reference)
+            stage = measure_torch(name, family, model, backbone.processor, samples, max_new_tokens, reference, knobs)
             stage.size_mb = model.get_memory_footprint() / 2**20
     except UserError as err:  # e.g. the base model was moved: the chain starts at the merged model
         console.print(f"[yellow]not measuring the training run: {err}")
@@ -275,13 +295,20 @@ def measure_run(run_dir: Path, provenance: dict, family: Any, reference: Stage, 
     return stage
 
 
-def measure_bundle(name: str, bundle_dir: Path, reference: Stage, samples: list[Any], max_new_tokens: int) -> tuple[Stage, list[dict]]:
+def measure_bundle(name: str, bundle_dir: Path, reference: Stage, samples: list[Any], max_new_tokens: int,
+                   parity: Parity, preprocessing: bool = False) -> tuple[Stage, list[dict]]:
     """The bundle (through the runtime's own OnnxVLM) on the parity batches and held-out questions;
-    also the per-graph checks against the reference."""
+    also the per-graph checks against the reference, and with ``preprocessing`` and parity knobs the
+    runtime's pixel values at the bundle's own settings against the HF processor's."""
     vlm = OnnxVLM.load(bundle_dir)
     outputs, checks = {}, []
+    with parity_codec(vlm, parity.image):
+        for batch, expected in reference.outputs.items():
+            outputs[batch] = onnx_outputs(vlm, expected, *parity_batch(batch))
+    if preprocessing and parity.image:
+        for image, diff in check_preprocessing(parity.family, parity.processor, vlm).items():
+            checks.append({"graph": "preprocessing", "inputs": f"{image}, the bundle's own settings", "max_abs_diff": diff})
     for batch, expected in reference.outputs.items():
-        outputs[batch] = onnx_outputs(vlm, expected, *parity_batch(batch))
         for step, diff in graph_diffs(expected, outputs[batch]).items():
             graph = step if step in ("vision", "embed") else "decoder"
             inputs = f"batch {batch}" + ("" if graph != "decoder" else f", {PARITY_STEPS[step]}")
@@ -296,13 +323,14 @@ def measure_bundle(name: str, bundle_dir: Path, reference: Stage, samples: list[
 PARITY_STEPS = {"prefill": "prefill, past 0", "decode": "decode 1 token, past = prompt"}
 
 
-def check_ort_twin(bundle_dir: Path, reference: Stage, onnx_stage: Stage, options: Any) -> dict:
+def check_ort_twin(bundle_dir: Path, reference: Stage, onnx_stage: Stage, options: Any, parity: Parity) -> dict:
     """The .ort graphs on the parity inputs: their figures against the reference, held to the same
     limits as the .onnx bundle, and their largest logit difference from the .onnx twin (the converter
     saves graphs optimized for the CPU provider, so kernels may differ: at int4 with accuracy level 4
     by up to ~0.1 in logits on the tiny models)."""
     vlm = OnnxVLM.load(bundle_dir, model_format="ort")
-    stage = Stage("ort", {batch: onnx_outputs(vlm, expected, *parity_batch(batch)) for batch, expected in reference.outputs.items()})
+    with parity_codec(vlm, parity.image):
+        stage = Stage("ort", {batch: onnx_outputs(vlm, expected, *parity_batch(batch)) for batch, expected in reference.outputs.items()})
     del vlm
     figures = logit_figures(reference, stage)
     twin = max(max(max_abs_diff(stage.outputs[b].prefill, onnx_stage.outputs[b].prefill),
@@ -391,39 +419,6 @@ def fidelity_table(rows: list[dict], out_dir: Path) -> Table:
         table.add_row(row["stage"], percent(row["accuracy"]), percent(row["agreement"]), f"{row['max_abs_logit_diff']:.2e}",
                       f"{row['mean_abs_logit_diff']:.2e}", f"{row['kl']:.2e}", f"{row['bundle_mb']:.1f}")
     return table
-
-
-# ---- the prompt section ------------------------------------------------------------------------
-
-
-def render_prompt(processor: Any, prompt: str) -> str:
-    """The chat-formatted single-turn text for one image and ``prompt``, as the HF processor renders it."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
-
-
-def prompt_section(processor: Any, placeholder: str, model_dir: Path) -> dict:
-    """The chat template and a pre-rendered single-turn prompt, so the runtime needs no jinja2.
-
-    single_turn is the template rendered for one user message [image, text] with the generation
-    prompt, its text replaced by "{prompt}"; the runtime fills it with str.replace (not
-    str.format: templates may contain braces) and expands ``image_placeholder``.
-    """
-    if not processor.chat_template:
-        raise UserError(f"{model_dir} has no chat template (chat_template.jinja); add one to the model dir")
-    rendered = render_prompt(processor, PROMPT_SENTINEL)
-    if rendered.count(PROMPT_SENTINEL) != 1 or rendered.count(placeholder) != 1 or "{prompt}" in rendered:
-        raise UserError(
-            f"{model_dir}: the chat template must render one user message with exactly one "
-            f"'{placeholder}' and the text once; got {rendered!r}"
-        )
-    single_turn = rendered.replace(PROMPT_SENTINEL, "{prompt}")
-    return {
-        "chat_template": processor.chat_template,
-        "single_turn": single_turn,
-        "image_placeholder": placeholder,
-        "image_placeholder_offset": single_turn.index(placeholder),
-    }
 
 
 # ---- files -------------------------------------------------------------------------------------

@@ -44,20 +44,10 @@ from torch.export import Dim
 from transformers import DynamicCache
 
 from edgetune.families.base import ModelFamily, get_module
+from edgetune.families.export_spec import GraphSpec
 from edgetune.progress import debug_enabled
 
 OPSET = 18
-
-
-class VisionGraph(torch.nn.Module):
-    """pixel_values -> image embeddings in the LLM's hidden size (vision tower + connector)."""
-
-    def __init__(self, family: ModelFamily, model: Any):
-        super().__init__()
-        self.family, self.model = family, model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.family.image_features(self.model, pixel_values)
 
 
 class EmbedGraph(torch.nn.Module):
@@ -112,18 +102,6 @@ def fed_modules(model: Any) -> list[Any]:
 
 
 @dataclass
-class GraphSpec:
-    """Everything torch.onnx.export needs for one graph."""
-
-    name: str  # "vision", "embed" or "decoder"; the file is f"{name}.onnx"
-    module: torch.nn.Module
-    sample_args: tuple
-    input_names: list[str]
-    output_names: list[str]
-    dynamic_shapes: tuple
-
-
-@dataclass
 class TextDims:
     """The decoder's shape facts the runtime needs to build an empty KV cache."""
 
@@ -143,18 +121,6 @@ def text_dims(family: ModelFamily, model: Any) -> TextDims:
         num_kv_heads=text.num_key_value_heads,
         head_dim=head_dim,
         vocab_size=get_module(model, family.lm_head).out_features,
-    )
-
-
-def fixed_size_vision_graph(family: ModelFamily, model: Any, size: dict[str, int]) -> GraphSpec:
-    """vision.onnx for families whose processor makes every image one [3, height, width] array."""
-    return GraphSpec(
-        name="vision",
-        module=VisionGraph(family, model),
-        sample_args=(torch.randn(2, 3, size["height"], size["width"]),),
-        input_names=["pixel_values"],
-        output_names=["image_embeds"],
-        dynamic_shapes=({0: Dim("batch")},),
     )
 
 

@@ -16,6 +16,12 @@ prefill (past 0) and one decode step (past = prompt) on the reference's greedy t
 And on the recipe's held-out data (``eval_samples`` questions): exact-match ``accuracy`` and the
 greedy answers' ``agreement`` with the reference's answers.
 
+A family whose own processor settings make many vision frames per image (SmolVLM: 17 tiles of
+512 px) runs the parity images at smaller settings (``family.parity_knobs``: 5 frames), the same
+graphs and preprocessing paths at a fraction of the cost; ``check_preprocessing`` then compares the
+runtime's prompt tokens and pixels with the HF processor's at the bundle's own settings, which
+needs no model.
+
 The reference's outputs are kept as numpy arrays, so that the PyTorch model can be freed before
 onnxruntime loads the bundle (at real sizes the two would not fit in memory together). Only the
 last ``KEPT_POSITIONS`` prompt positions are kept for the same reason: at a 151,936-token vocabulary
@@ -25,6 +31,8 @@ through every kept position, and vision.onnx's output is compared in full.
 
 from __future__ import annotations
 
+import copy
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +44,7 @@ from edgetune.errors import UserError
 PARITY_PROMPTS = ["What color is the shape?", "Describe the picture. What shape is this? One word."]
 PARITY_STEPS = {"prefill": "prefill, past 0", "decode": "decode 1 token, past = prompt"}
 KEPT_POSITIONS = 32
+PIXEL_TOLERANCE = 1e-4  # the runtime's pixel values against the HF processor's (PIL vs PIL, float32)
 
 
 class ParityError(UserError):
@@ -90,6 +99,15 @@ def kept_positions(mask: np.ndarray) -> np.ndarray:
 def parity_batch(batch: int) -> tuple[list[Image.Image], list[str]]:
     """The images and prompts of parity batch 1 or 2."""
     return [parity_image(i) for i in range(batch)], PARITY_PROMPTS[:batch]
+
+
+def parity_processor(family: Any, processor: Any, knobs: dict[str, Any]) -> Any:
+    """``processor`` under the family's parity knobs (a copy; ``processor`` itself when there are none)."""
+    if not knobs:
+        return processor
+    processor = copy.deepcopy(processor)
+    family.configure_processor(processor, knobs)
+    return processor
 
 
 def torch_outputs(family: Any, model: Any, processor: Any, images: list[Image.Image], prompts: list[str],
@@ -147,6 +165,46 @@ def onnx_outputs(vlm: Any, reference: Outputs, images: list[Image.Image], prompt
     longer_mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
     step, _ = vlm.forward(reference.next_ids, longer_mask, past)
     return Outputs(ids=ids, mask=mask, prefill=logits[kept_positions(mask)], decode=step[:, -1], vision=vision, embed=embed)
+
+
+@contextmanager
+def parity_codec(vlm: Any, image_section: dict | None):
+    """``vlm`` encoding images with the codec of ``image_section`` (the manifest's image section under
+    the parity knobs) inside the block, its own codec again after it."""
+    if image_section is None:
+        yield vlm
+        return
+    from edgetune.runtime.codecs import get_codec
+
+    own = vlm.codec
+    vlm.codec = get_codec({**vlm.manifest, "image": image_section})
+    try:
+        yield vlm
+    finally:
+        vlm.codec = own
+
+
+def check_preprocessing(family: Any, processor: Any, vlm: Any) -> dict[str, float]:
+    """The runtime's preprocessing at the bundle's own settings against the HF processor's, on each
+    parity image alone: the prompt token ids must be equal (they spell out a tiled image's grid) and
+    the vision graph's pixel inputs within 1e-4 (max |diff|, returned). Runs no model."""
+    diffs = {}
+    for index, prompt in enumerate(PARITY_PROMPTS):
+        image = parity_image(index)
+        expected = family.prompt_inputs(processor, [prompt], [[image]])
+        encoded = vlm.encode_image(image)
+        ids = vlm.prompt_ids(prompt, encoded)
+        if ids != expected["input_ids"][0].tolist():
+            raise ParityError(f"the runtime's prompt tokens for parity image {index} differ from the HF processor's "
+                              f"at the bundle's own settings: {len(ids)} tokens vs {expected['input_ids'].shape[1]}")
+        ours = encoded.feeds["pixel_values"].astype(np.float64).ravel()
+        theirs = expected["pixel_values"].double().numpy().ravel()
+        diff = max_abs_diff(ours, theirs) if ours.shape == theirs.shape else float("inf")
+        if diff > PIXEL_TOLERANCE:
+            raise ParityError(f"the runtime's pixel values for parity image {index} differ from the HF processor's at the "
+                              f"bundle's own settings by {diff:.3g} (shapes {ours.shape}, {theirs.shape}); tolerance {PIXEL_TOLERANCE:g}")
+        diffs[f"image {index}"] = diff
+    return diffs
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

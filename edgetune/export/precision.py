@@ -5,7 +5,8 @@ Nothing here re-traces a model or quantizes by hand; each precision is one well-
     int4, int8  onnxruntime.quantization's MatMulNBitsQuantizer (RTN, block-wise, weight-only): every
                 MatMul with a constant weight [K, N] becomes ``MatMulNBits`` (com.microsoft), 4 or 8
                 bits per weight plus one fp32 scale (and, asymmetric, a zero point) per block of
-                ``block_size`` input features. Activations stay fp32; ``accuracy_level`` picks the
+                input features: ``block_size`` at 4 bits, ``eight_bit_block(K)`` at 8 bits (see
+                there). Activations stay fp32; ``accuracy_level`` picks the
                 kernel's compute type (0: the default fp32 path, 4: int8 activations per block,
                 the CPU's fastest; see onnxruntime's ContribOperators.md, MatMulNBits).
                 The token embedding table becomes ``GatherBlockQuantized`` (4 or 8 bits, quantized
@@ -46,6 +47,8 @@ BITS = {"int4": 4, "int8": 8}
 VISION_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 DEFAULT_VISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int8"}
 DEFAULT_BLOCK_SIZE = 32
+# 8-bit weights take blocks up to this wide (see eight_bit_block).
+EIGHT_BIT_BLOCK = 256
 DEFAULT_ACCURACY_LEVEL = 4
 MSFT = "com.microsoft"
 
@@ -56,7 +59,7 @@ class PrecisionOptions:
 
     precision: str = "fp32"  # the decoder's (and embed's) weights
     vision_precision: str = "fp32"
-    block_size: int = DEFAULT_BLOCK_SIZE  # input features per quantization block (int4/int8)
+    block_size: int = DEFAULT_BLOCK_SIZE  # input features per block of 4-bit weights; 8-bit: eight_bit_block
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL  # MatMulNBits compute type (int4/int8)
     symmetric: bool = True  # int4/int8: zero point fixed at the middle of the range
     # int4 bundles: the LM head's bits, 4 or 8 (and so a table tied to it); None: 8 when the table is
@@ -142,6 +145,7 @@ def convert_graph(source: Path, target: Path, precision: str, options: Precision
         model, report = quantize_weights(model, BITS[precision], options, op_type, skip={head})
         model, head_report = quantize_weights(model, options.lm_head_bits, options, op_type, only={head})
         report = {key: report[key] + head_report[key] for key in report}
+        report["block_sizes"] = sorted(set(report["block_sizes"]))
     else:
         gemm_to_matmul(model)
         model, report = quantize_weights(model, BITS[precision], options, op_type)
@@ -203,34 +207,60 @@ def weight_nodes(model: onnx.ModelProto, op_type: str) -> list[tuple[onnx.NodePr
     return found
 
 
+def block_for(bits: int, k: int, options: PrecisionOptions) -> int:
+    """Input features per quantization block of a ``bits``-bit weight with ``k`` input features."""
+    return options.block_size if bits == 4 else eight_bit_block(k, options.block_size)
+
+
+def eight_bit_block(k: int, block_size: int) -> int:
+    """The block of an 8-bit weight with ``k`` input features: the largest power of two that divides
+    ``k``, at most EIGHT_BIT_BLOCK and at least ``block_size``.
+
+    At 8 bits the rounding step is 1/127 of a block's largest |weight|, so a scale per 32 weights
+    (what 4 bits need) buys little and costs an eighth of the bytes: 256-wide blocks store 8.125 bits
+    a weight instead of 9, and are still finer than the per-channel scales of usual int8 quantization.
+    A divisor of ``k`` keeps a tied table's blocks (GatherBlockQuantized) free of padding.
+    """
+    return max(block_size, min(EIGHT_BIT_BLOCK, k & -k))
+
+
 def quantize_weights(model: onnx.ModelProto, bits: int, options: PrecisionOptions, op_type: str,
                      skip: set[str] = frozenset(), only: set[str] | None = None) -> tuple[onnx.ModelProto, dict]:
     """MatMul weights -> MatMulNBits, or an embedding Gather -> GatherBlockQuantized (nodes by name:
-    none in ``skip``, and only those in ``only`` if given)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
+    none in ``skip``, and only those in ``only`` if given), each at its block_for size."""
     for index, node in enumerate(model.graph.node):  # the quantizer selects and excludes nodes by name
         node.name = node.name or f"{node.op_type}_{index}"
     nodes = [(node, k) for node, k in weight_nodes(model, op_type) if node.name not in skip and (only is None or node.name in only)]
-    chosen = [node.name for node, k in nodes if k >= options.block_size]
-    excluded = [node.name for node in model.graph.node if node.op_type == op_type and node.name not in chosen]
-    report = {"quantized_weights": len(chosen), "float_weights": len(nodes) - len(chosen)}
-    if not chosen:
-        return model, report
-    if op_type == "Gather":
-        return block_quantized_gathers(model, bits, options, set(chosen)), report
+    chosen = {node.name: block_for(bits, k, options) for node, k in nodes if k >= options.block_size}
+    report = {"quantized_weights": len(chosen), "float_weights": len(nodes) - len(chosen),
+              "block_sizes": sorted(set(chosen.values()))}
+    for block in sorted(set(chosen.values())):  # the quantizer takes one block size per pass
+        names = {name for name, size in chosen.items() if size == block}
+        at_block = replace(options, block_size=block)
+        if op_type == "Gather":
+            model = block_quantized_gathers(model, bits, at_block, names)
+        else:
+            model = quantized_matmuls(model, bits, at_block, names)
+    return model, report
+
+
+def quantized_matmuls(model: onnx.ModelProto, bits: int, options: PrecisionOptions, names: set[str]) -> onnx.ModelProto:
+    """The MatMul nodes named in ``names`` -> MatMulNBits at ``options.block_size`` (MatMulNBitsQuantizer)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
     config = DefaultWeightOnlyQuantConfig(
         block_size=options.block_size,
         is_symmetric=options.symmetric,
         accuracy_level=options.accuracy_level or None,
         bits=bits,
-        op_types_to_quantize=(op_type,),
+        op_types_to_quantize=("MatMul",),
         quant_axes=(("MatMul", 0), ("Gather", 1)),
     )
+    excluded = [node.name for node in model.graph.node if node.op_type == "MatMul" and node.name not in names]
     with quiet_quantizer():
         quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=excluded, algo_config=config)
         quantizer.process()
-    return quantizer.model.model, report
+    return quantizer.model.model
 
 
 def block_quantized_gathers(model: onnx.ModelProto, bits: int, options: PrecisionOptions, names: set[str]) -> onnx.ModelProto:
@@ -346,8 +376,10 @@ def share_tied_table(embed_path: Path, decoder_path: Path, precision: str, optio
         for view in shared:  # MatMulNBits' [vocab, blocks, blob] and flat scales/zero points, per row
             view.dims[:] = [vocab, int(np.prod(view.dims)) // vocab]
         inputs = [shared[0].name, "input_ids", *[view.name for view in shared[1:]]]
+        head_node = lm_head_node(onnx.load(str(decoder_path), load_external_data=False))
+        attrs = {a.name: helper.get_attribute_value(a) for a in head_node.attribute}
         nodes = [helper.make_node("GatherBlockQuantized", inputs, ["inputs_embeds"], domain=MSFT, gather_axis=0,
-                                  quantize_axis=1, block_size=options.block_size, bits=head_bits(precision, options))]
+                                  quantize_axis=1, block_size=attrs["block_size"], bits=attrs["bits"])]
     else:
         rows = "rows" if precision == "fp16" else "inputs_embeds"
         nodes = [helper.make_node("Gather", [shared[0].name, "input_ids"], ["columns"], axis=1),
@@ -367,7 +399,8 @@ def head_bits(precision: str, options: PrecisionOptions) -> int:
 
 
 def can_share(precision: str, options: PrecisionOptions, hidden: int) -> bool:
-    return precision not in BITS or hidden % options.block_size == 0
+    """Whether a tied table of width ``hidden`` can read the quantized head's blocks without padding."""
+    return precision not in BITS or hidden % block_for(head_bits(precision, options), hidden, options) == 0
 
 
 def external_view(init: onnx.TensorProto, graph_path: Path) -> onnx.TensorProto:

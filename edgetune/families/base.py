@@ -96,6 +96,13 @@ class ModelFamily:
         for knob, value in knobs.items():
             setattr(processor.image_processor, knob, value)
 
+    def parity_knobs(self, processor: Any) -> dict[str, Any]:
+        """model.processor settings under which the export's parity check runs its images (none by
+        default: the processor's own). A family whose own settings make many vision frames per image
+        returns smaller ones that run the same graphs and the same preprocessing paths; the export
+        then checks the runtime's preprocessing at the own settings separately, without the model."""
+        return {}
+
     def configure_model(self, model: Any, knobs: dict[str, Any]) -> None:
         """Apply the model.processor settings that the model reads too (after configure_processor);
         none by default. They are saved with a merged model's config."""
@@ -143,7 +150,7 @@ class ModelFamily:
     def vision_graph(self, model: Any, processor: Any) -> Any:
         """The GraphSpec of vision.onnx (edgetune.export.graphs); default: a fixed-size
         pixel_values [batch, 3, H, W] -> image_embeds [batch, tokens, hidden]."""
-        from edgetune.export.graphs import fixed_size_vision_graph
+        from edgetune.families.export_spec import fixed_size_vision_graph
 
         return fixed_size_vision_graph(self, model, processor.image_processor.crop_size)
 

@@ -113,7 +113,7 @@ class Idefics3Family(ModelFamily):
         import torch
         from torch.export import Dim
 
-        from edgetune.export.graphs import GraphSpec, VisionGraph
+        from edgetune.families.export_spec import GraphSpec, VisionGraph
 
         tile = processor.image_processor.max_image_size["longest_edge"]
         return GraphSpec(
@@ -125,6 +125,16 @@ class Idefics3Family(ModelFamily):
             dynamic_shapes=({0: Dim("tiles")},),
         )
 
+    def parity_knobs(self, processor: Any) -> dict[str, Any]:
+        """A longest edge of two tiles: the parity images become a 2 x 2 grid and the global view,
+        5 frames, where SmolVLM's own 2048 px make 17 (a 4 x 4 grid), each a full pass of the vision
+        tower. The frames, the tiling and the row/column markers take the same paths either way."""
+        ip = processor.image_processor
+        two_tiles = 2 * ip.max_image_size["longest_edge"]
+        if ip.do_resize and ip.do_image_splitting and ip.size["longest_edge"] > two_tiles:
+            return {"longest_edge": two_tiles}
+        return {}
+
     def bundle_sections(self, model: Any, processor: Any, model_dir: Path) -> tuple[dict, dict]:
         """Tiling parameters for the runtime codec "idefics3" (edgetune.runtime.codecs.idefics3),
         which rebuilds the tiles and the processor's expanded image text."""
@@ -132,7 +142,7 @@ class Idefics3Family(ModelFamily):
         from PIL import Image
 
         from edgetune.errors import UserError
-        from edgetune.export.bundle import prompt_section
+        from edgetune.families.export_spec import prompt_section
 
         ip = processor.image_processor
         tile = ip.max_image_size["longest_edge"]

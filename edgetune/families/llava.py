@@ -51,7 +51,7 @@ class LlavaFamily(ModelFamily):
         from PIL import Image
 
         from edgetune.errors import UserError
-        from edgetune.export.bundle import prompt_section
+        from edgetune.families.export_spec import prompt_section
 
         ip = processor.image_processor
         if "shortest_edge" not in ip.size or not ip.do_center_crop:

@@ -82,7 +82,7 @@ class LlavaNextFamily(LlavaFamily):
         import torch
         from torch.export import Dim
 
-        from edgetune.export.graphs import GraphSpec, VisionGraph
+        from edgetune.families.export_spec import GraphSpec, VisionGraph
 
         newline_path = self.image_newline
 

@@ -126,7 +126,7 @@ class PaliGemmaFamily(ModelFamily):
 
     def vision_graph(self, model: Any, processor: Any) -> Any:
         """pixel_values [batch, 3, H, W] at SigLIP's plain-resize size (no crop) -> [batch, tokens, hidden]."""
-        from edgetune.export.graphs import fixed_size_vision_graph
+        from edgetune.families.export_spec import fixed_size_vision_graph
 
         return fixed_size_vision_graph(self, model, processor.image_processor.size)
 

@@ -146,7 +146,7 @@ class Qwen2VLFamily(ModelFamily):
         import torch
         from torch.export import Dim
 
-        from edgetune.export.graphs import GraphSpec
+        from edgetune.families.export_spec import GraphSpec
         from edgetune.runtime.codecs.qwen2_vl import rotary_position_ids, window_layout
 
         visual = get_module(model, self.vision_tower)
@@ -177,7 +177,7 @@ class Qwen2VLFamily(ModelFamily):
         get_rope_index looks for, and (Qwen2.5-VL) the window size in pixels."""
         from PIL import Image
 
-        from edgetune.export.bundle import prompt_section
+        from edgetune.families.export_spec import prompt_section
 
         ip = processor.image_processor
         config = get_module(model, self.vision_tower).config
