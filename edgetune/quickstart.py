@@ -109,7 +109,7 @@ def run_quickstart(out: Path, family: str = "llava", steps: int = 800, precision
         with clock.stage("accuracy after export (onnx)"):
             after_onnx = evaluate_path(out / "bundle", held_out, 8)
             decode = decode_tokens_per_second(OnnxVLM.load(out / "bundle"), held_out[0].images[0], held_out[0].question)
-        bundle_mb = sum(f.stat().st_size for f in (out / "bundle").rglob("*") if f.is_file()) / 2**20
+        bundle_mb = sum(f.stat().st_size for f in (out / "bundle").rglob("*") if f.is_file()) / 1e6
         precisions = {m["precision"]: m["fidelity"][-1] for m in manifests}
         precisions = {p: {key: precisions[p][key] for key in ("stage", "bundle_mb", "accuracy", "agreement", "kl")}
                       for p in PRECISIONS}

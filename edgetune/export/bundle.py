@@ -78,6 +78,7 @@ TOLERANCES = {
     "int4": {"kl": 1.5, "vision": 0.05, "embed": 0.15},
 }
 DEFAULT_EVAL_SAMPLES = 64
+MB = 1e6  # bundle sizes are in MB of 10^6 bytes, as file sizes are usually given
 
 
 def export_bundle(
@@ -147,7 +148,7 @@ def export_bundles(
         knobs = family.parity_knobs(processor)
         with console.status("measuring the merged model (PyTorch)"):
             reference = measure_torch("merged fp32 (pytorch)", family, model, processor, samples, max_new_tokens, knobs=knobs)
-            reference.size_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+            reference.size_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / MB
         image, prompt = family.bundle_sections(model, processor, model_dir)
         # The runtime's image section under the parity knobs, for the codec that runs the parity images.
         parity = Parity(knobs, family.bundle_sections(model, parity_processor(family, processor, knobs), model_dir)[0]
@@ -286,7 +287,7 @@ def measure_run(run_dir: Path, provenance: dict, family: Any, reference: Stage, 
             backbone, model, recipe = load_adapted(Path(run_dir), dequantize=False)
             name = f"{recipe.quantization.mode} + {method} (pytorch)"
             stage = measure_torch(name, family, model, backbone.processor, samples, max_new_tokens, reference, knobs)
-            stage.size_mb = model.get_memory_footprint() / 2**20
+            stage.size_mb = model.get_memory_footprint() / MB
     except UserError as err:  # e.g. the base model was moved: the chain starts at the merged model
         console.print(f"[yellow]not measuring the training run: {err}")
         return None
@@ -316,7 +317,7 @@ def measure_bundle(name: str, bundle_dir: Path, reference: Stage, samples: list[
     answers = answers_with_bundle(vlm, samples, max_new_tokens) if samples else None
     del vlm
     release_memory()
-    size = sum(f.stat().st_size for f in bundle_dir.rglob("*") if f.is_file()) / 2**20
+    size = sum(f.stat().st_size for f in bundle_dir.rglob("*") if f.is_file()) / MB
     return Stage(name, outputs, answers, size), checks
 
 
