@@ -67,7 +67,7 @@ def precision_table(summaries: dict) -> str:
     for family, s in summaries.items():
         bundles = s["precisions"]
         fp32 = bundles["fp32"]["accuracy"] or 1e-9
-        accuracy = " | ".join(f"{bundles[p]['accuracy']:.1%} ({bundles[p]['accuracy'] / fp32:.0%})" for p in PRECISIONS)
+        accuracy = " | ".join(f"{bundles[p]['accuracy']:.1%} ({bundles[p]['accuracy'] / fp32:.1%})" for p in PRECISIONS)
         sizes = " | ".join(f"{bundles[p]['bundle_mb']:.2f}" for p in PRECISIONS)
         rows.append(f"| {family} | {accuracy} | {bundles['int4']['agreement']:.0%} | {sizes} |")
     return "\n".join(rows)
