@@ -40,8 +40,9 @@ def test_bundle_has_files_and_manifest(bundle, tiny_llava_dir):
     ]:  # fmt: skip
         assert (out / name).is_file(), name
     assert json.loads((out / "manifest.json").read_text()) == manifest
-    assert (manifest["format_version"], manifest["family"], manifest["precision"]) == (1, "llava", "fp32")
-    text = {"hidden_size": 64, "num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "vocab_size": 432, "tied_embeddings": False}
+    assert (manifest["format_version"], manifest["family"], manifest["precision"]) == (4, "llava", "fp32")  # fused
+    text = {"hidden_size": 64, "num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "vocab_size": 432, "tied_embeddings": False,
+            "padded_rows": "one_at_a_time"}
     assert manifest["text"] == text
 
     graphs = manifest["graphs"]

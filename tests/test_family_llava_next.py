@@ -141,7 +141,7 @@ def test_merge_and_export_match_pytorch(chain):
     assert max(c["max_abs_diff"] for c in checks) < 1e-4
     vlm = OnnxVLM.load(root / "bundle", threads=2)
     assert vlm.encode_image(parity_image(0)).tokens != vlm.encode_image(parity_image(1)).tokens
-    assert (manifest["format_version"], manifest["image"]["codec"]) == (3, "llava_next")
+    assert (manifest["format_version"], manifest["image"]["codec"]) == (4, "llava_next")  # fused attention
     assert [o["name"] for o in manifest["graphs"]["vision"]["outputs"]] == ["image_embeds", "image_newline"]
 
 

@@ -156,7 +156,7 @@ def test_export_matches_pytorch_on_images_with_different_token_counts(chain, pro
     assert len(checks) == 8 and max(check["max_abs_diff"] for check in checks) < 1e-4
     grids = processor.image_processor(images=[parity_image(0), parity_image(1)], return_tensors="np")["image_grid_thw"]
     assert grids.tolist() == [[1, 4, 6], [1, 6, 4]]  # 6 tokens each, in transposed grids: positions differ
-    assert manifest["format_version"] == 3 and manifest["image"]["codec"] == "qwen2_vl"
+    assert manifest["format_version"] == 4 and manifest["image"]["codec"] == "qwen2_vl"
 
 
 def test_runtime_greedy_tokens_equal_generate(chain, family):

@@ -16,6 +16,7 @@ import torch
 
 from edgetune.data import collate, load_samples
 from edgetune.errors import UserError
+from edgetune.export.fusions import ATTENTION_FUSIONS
 from edgetune.families import FAMILIES
 from edgetune.load import load_backbone
 from edgetune.methods import get_method
@@ -155,7 +156,12 @@ def test_bundle_declares_the_runtime_features_it_needs(trained_and_exported):
     """A format-1 runtime would silently run a prefix bundle without its prefix: such bundles say 2."""
     name, _, _, _, manifest, root = trained_and_exported
     family, method = name.split("-", 1)
-    if manifest["image"]["codec"] != "clip":
+    fused = bool(ATTENTION_FUSIONS & set(manifest["decoder_fusions"]))
+    assert fused == (family != "paligemma" and method != "prefix"), name  # fused wherever it matches PyTorch
+    assert ("padded_rows" in manifest["text"]) == fused, name
+    if fused:
+        assert manifest["format_version"] == 4, name  # a format-3 runtime would feed it left-padded rows
+    elif manifest["image"]["codec"] != "clip":
         assert manifest["format_version"] == 3, name  # a format-2 runtime only knows CLIP images
     else:
         needs_new_runtime = method in ("prefix", "llama_adapter-visual")

@@ -33,11 +33,13 @@ def op_counts(path) -> collections.Counter:
 
 
 def weight_matmuls(path) -> int:
-    """MatMuls (or Gemms, torch.onnx's linear on 2-D input) whose weight is a constant 2-D tensor:
-    the linear layers (and the LM head)."""
+    """MatMuls (or Gemms, torch.onnx's linear on 2-D input) whose weight is a constant 2-D tensor with
+    more than one input feature: the linear layers (and the LM head), not the fused rotary's [1, N]
+    frequencies."""
     model = onnx.load(str(path), load_external_data=False)
-    dims = {init.name: len(init.dims) for init in model.graph.initializer}
-    return sum(node.op_type in ("MatMul", "Gemm") and dims.get(node.input[1]) == 2 for node in model.graph.node)
+    dims = {init.name: list(init.dims) for init in model.graph.initializer}
+    return sum(node.op_type in ("MatMul", "Gemm") and len(dims.get(node.input[1], [])) == 2 and dims[node.input[1]][0] > 1
+               for node in model.graph.node)
 
 
 BLOCKED_ANSWERS = TORCH_BLOCKER + """

@@ -188,8 +188,8 @@ def test_runtime_runs_with_torch_and_transformers_blocked(bundle_dir, vlm, tmp_p
 def test_bundles_from_a_newer_edgetune_are_refused_by_name(bundle_dir, tmp_path):
     broken = Path(shutil.copytree(bundle_dir, tmp_path / "bundle"))
     manifest = json.loads((broken / "manifest.json").read_text())
-    (broken / "manifest.json").write_text(json.dumps({**manifest, "format_version": 4}))
-    with pytest.raises(UserError, match=r"format_version 4 is not one this runtime reads \(1, 2, 3\)"):
+    (broken / "manifest.json").write_text(json.dumps({**manifest, "format_version": 5}))
+    with pytest.raises(UserError, match=r"format_version 5 is not one this runtime reads \(1, 2, 3, 4\)"):
         OnnxVLM.load(broken)
     manifest["image"]["codec"] = "hologram"
     (broken / "manifest.json").write_text(json.dumps(manifest))

@@ -42,6 +42,7 @@ from safetensors.numpy import save_file as save_numpy
 
 from edgetune.errors import UserError
 from edgetune.export import precision as precisions
+from edgetune.export.fusions import ATTENTION_FUSIONS, PADDED_ROWS, fuse_decoder, restore_traced
 from edgetune.export.graphs import OPSET, describe_graph, export_graph, fed_modules, graph_specs, text_dims
 from edgetune.export.parity import (
     ParityError,
@@ -180,18 +181,27 @@ def export_bundles(
             manifest["format_version"] = 2
         if image["codec"] != "clip" or family.rope != "1d" or family.decoder_extras:
             manifest["format_version"] = 3
+        version = manifest["format_version"]
         del merged, model, spec  # the PyTorch model is not needed past this point
         release_memory()
         page_out_checkpoint()
-        tied = precisions.is_tied(trace / "embed.onnx", trace / "decoder.onnx")
-        manifest["text"]["tied_embeddings"] = tied
-        if tied:
-            share_table(trace, manifest, "fp32", precisions.PrecisionOptions(), dims.hidden_size)
-        write_manifest(trace, manifest)  # the runtime loads the bundle through it
         trained = measure_run(run_dir, provenance, family, reference, samples, max_new_tokens, console, knobs) if run_dir else None
-        with console.status("checking the fp32 bundle against PyTorch"):
-            fp32_stage, checks = measure_bundle("onnx fp32", trace, reference, samples, max_new_tokens, parity, preprocessing=True)
-        manifest["parity"] = {**check_fp32(checks), "processor": knobs}
+        # The fused decoder first (edgetune.export.fusions); if it fails the fp32 check, the traced one.
+        # Not with a KV prefix: GroupQueryAttention takes the cache's length for the prompt's start.
+        for fused in (True, False) if family.fuse_decoder and not kv_prefix else (False,):
+            with console.status("fusing decoder.onnx's attention into onnxruntime's operators" if fused else "checking the traced decoder"):
+                tied = prepare_decoder(trace, manifest, fused, dims.hidden_size, version)
+            try:
+                with console.status("checking the fp32 bundle against PyTorch"):
+                    fp32_stage, checks = measure_bundle("onnx fp32", trace, reference, samples, max_new_tokens, parity, preprocessing=True)
+                manifest["parity"] = {**check_fp32(checks), "processor": knobs}
+                break
+            except Exception as err:  # a ParityError, or onnxruntime refusing the fused graph's inputs
+                if not fused:
+                    raise
+                console.print(f"[yellow]the fused decoder does not match PyTorch ({str(err).splitlines()[0]}); exporting the traced one")
+        (trace / TRACED_DECODER).unlink(missing_ok=True)
+        (trace / f"{TRACED_DECODER}.data").unlink(missing_ok=True)
         manifests = []
         for out, options in targets.items():
             scratch, options = scratches[out], options.for_table(tied)
@@ -231,6 +241,36 @@ def export_bundles(
         console.print(fidelity_table(bundle["fidelity"], out))
     console.print(f"exported {', '.join(map(str, targets))} in {time.perf_counter() - started:.0f}s", soft_wrap=True)
     return manifests
+
+
+# ---- the fp32 decoder --------------------------------------------------------------------------
+
+TRACED_DECODER = "decoder.traced.onnx"  # the traced decoder, kept while the fused one is checked
+
+
+def prepare_decoder(trace: Path, manifest: dict, fused: bool, hidden: int, version: int) -> bool:
+    """decoder.onnx as traced or fused (edgetune.export.fusions), the tied table shared with it and
+    the manifest written for the runtime (format ``version``, 4 if the runtime must run padded rows
+    one at a time); returns whether the table is tied."""
+    decoder, traced = trace / "decoder.onnx", trace / TRACED_DECODER
+    fusions = {}
+    if fused:
+        fusions = fuse_decoder(decoder, traced)
+    elif traced.exists():
+        restore_traced(traced, decoder)
+    manifest["graphs"]["decoder"] = describe_graph(decoder)
+    manifest["decoder_fusions"] = fusions
+    manifest["text"].pop("padded_rows", None)
+    manifest["format_version"] = version
+    if ATTENTION_FUSIONS & set(fusions):
+        manifest["text"]["padded_rows"] = PADDED_ROWS
+        manifest["format_version"] = 4
+    tied = precisions.is_tied(trace / "embed.onnx", decoder)
+    manifest["text"]["tied_embeddings"] = tied
+    if tied:
+        share_table(trace, manifest, "fp32", precisions.PrecisionOptions(), hidden)
+    write_manifest(trace, manifest)  # the runtime loads the bundle through it
+    return tied
 
 
 # ---- stages ------------------------------------------------------------------------------------

@@ -202,7 +202,7 @@ def weight_nodes(model: onnx.ModelProto, op_type: str) -> list[tuple[onnx.NodePr
         if node.op_type != op_type:
             continue
         weight = dims.get(node.input[1] if op_type == "MatMul" else node.input[0], [])
-        if len(weight) == 2:
+        if len(weight) == 2 and weight[0] > 1:  # [1, N]: an outer product (the fused rotary's frequencies)
             found.append((node, weight[0] if op_type == "MatMul" else weight[1]))
     return found
 

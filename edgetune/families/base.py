@@ -45,6 +45,9 @@ class ModelFamily:
     # Decoder inputs beyond inputs_embeds, attention_mask, position_ids and the cache (see
     # decoder_extra_inputs); the runtime codec feeds them.
     decoder_extras: tuple[str, ...] = ()
+    # Export the decoder with onnxruntime's fused attention (edgetune.export.fusions) when it matches
+    # PyTorch; False where the attention is not causal (PaliGemma's prefix-LM mask).
+    fuse_decoder: bool = True
 
     def model_class(self) -> type:
         import transformers

@@ -58,6 +58,7 @@ class PaliGemmaFamily(ModelFamily):
     connector_output = "model.multi_modal_projector.linear"
 
     decoder_extras = ("token_type_ids",)
+    fuse_decoder = False  # the prefix attends bidirectionally: not GroupQueryAttention's causal mask
 
     # ---- load ---------------------------------------------------------------------------------
 

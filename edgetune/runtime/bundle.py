@@ -16,7 +16,7 @@ from edgetune.errors import UserError
 # 1: plain bundles. 2: bundles that need a runtime which knows the KV prefix or the image_feature
 # decoder input (a format-1 runtime would answer without them). 3: bundles whose image codec is not
 # CLIP's, or whose decoder takes M-RoPE positions or extra inputs. Export writes the lowest that fits.
-READABLE_VERSIONS = (1, 2, 3)
+READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST_FILE = "manifest.json"
 KV_PREFIX_FILE = "kv_prefix.safetensors"
 GRAPH_NAMES = ("vision", "embed", "decoder")

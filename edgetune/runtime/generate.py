@@ -57,6 +57,8 @@ class OnnxVLM:
         # LLaMA-Adapter's visual prompt: the image's mean embedding, fed on every decoder step.
         self.feeds_image_feature = any(value["name"] == IMAGE_FEATURE for value in decoder["inputs"])
         self.eos_token_ids = set(manifest["tokenizer"]["eos_token_ids"])
+        # A decoder with onnxruntime's fused attention assumes right padding: padded rows run alone.
+        self.rows_alone = manifest["text"].get("padded_rows") == "one_at_a_time"
         self.kv_prefix = kv_prefix or {}  # past input name -> [kv_heads, length, head_dim]
         missing = [name for name in self.past_names if self.kv_prefix and name not in self.kv_prefix]
         if missing:
@@ -144,6 +146,8 @@ class OnnxVLM:
         """
         input_ids = np.asarray(input_ids, dtype=np.int64)
         attention_mask = np.asarray(attention_mask, dtype=np.int64)
+        if self.rows_alone and len(input_ids) > 1 and not attention_mask.all():
+            return self._forward_rows(input_ids, attention_mask, past, images)
         past = self.empty_past(len(input_ids)) if past is None else past
         state = {key: value for key, value in past.items() if key not in self.past_names}
         (embeds,) = self.sessions["embed"].run(None, {"input_ids": input_ids})
@@ -165,6 +169,40 @@ class OnnxVLM:
         feed.update((name, past[name]) for name in self.past_names)
         logits, *present = self.sessions["decoder"].run(None, feed)
         return logits, {**dict(zip(self.past_names, present)), **state}
+
+    def _forward_rows(self, input_ids, attention_mask, past, images):
+        """``forward`` on a padded batch, one row at a time without its padding (for a decoder that
+        assumes right padding; see edgetune.export.fusions). Results are laid out as the batched call
+        lays them out: logits of padding positions are 0, cached padding positions hold zeros. State
+        arrays (a codec's, the image feature) are per row along their first axis."""
+        batch, seq = input_ids.shape
+        prefix = next(iter(self.kv_prefix.values())).shape[1] if self.kv_prefix else 0
+        past = self.empty_past(batch) if past is None else past
+        images = list(images or [])
+        token_id = self.manifest["image"]["token_id"]
+        logits, present, states = None, {}, []
+        for row in range(batch):
+            real = attention_mask[row] == 1
+            cached = np.concatenate([np.ones(prefix, bool), real[: len(real) - seq]])
+            ids = input_ids[row : row + 1, real[-seq:]]
+            row_images = []
+            while images and sum(image.tokens for image in row_images) < int((ids == token_id).sum()):
+                row_images.append(images.pop(0))
+            row_past = {name: value[row : row + 1][:, :, cached] if name in self.past_names else value[row : row + 1]
+                        for name, value in past.items()}
+            out, row_present = self.forward(ids, np.ones((1, int(real.sum())), np.int64), row_past, row_images or None)
+            if logits is None:
+                logits = np.zeros((batch, seq, out.shape[-1]), out.dtype)
+            logits[row, real[-seq:]] = out[0]
+            kept = np.concatenate([np.ones(prefix, bool), real])
+            for name in self.past_names:
+                cache = row_present[name]
+                if name not in present:
+                    present[name] = np.zeros((batch, cache.shape[1], len(kept), cache.shape[3]), cache.dtype)
+                present[name][row, :, kept] = cache[0].transpose(1, 0, 2)
+            states.append({key: value for key, value in row_present.items() if key not in self.past_names})
+        state = {key: np.concatenate([s[key] for s in states]) for key in states[0]}
+        return logits, {**present, **state}
 
     # ---- decoding ------------------------------------------------------------------------------
 
