@@ -42,7 +42,7 @@ from safetensors.numpy import save_file as save_numpy
 
 from edgetune.errors import UserError
 from edgetune.export import precision as precisions
-from edgetune.export.fusions import ATTENTION_FUSIONS, PADDED_ROWS, fuse_decoder, restore_traced
+from edgetune.export.fusions import ATTENTION_FUSIONS, fuse_decoder, restore_traced
 from edgetune.export.graphs import OPSET, describe_graph, export_graph, fed_modules, graph_specs, text_dims
 from edgetune.export.parity import (
     ParityError,
@@ -65,7 +65,7 @@ from edgetune.io import atomic_output_dir
 from edgetune.merge import load_merged, page_out_checkpoint, release_memory
 from edgetune.methods.modules import methods_disabled
 from edgetune.runtime import OnnxVLM
-from edgetune.runtime.bundle import KV_PREFIX_FILE, MANIFEST_FILE
+from edgetune.runtime.bundle import KV_PREFIX_FILE, MANIFEST_FILE, PADDED_ROWS
 
 # Max |diff| of every fp32 graph output against PyTorch (vision and embed outputs, logits).
 FP32_TOLERANCE = 1e-3
@@ -153,7 +153,7 @@ def export_bundles(
         image, prompt = family.bundle_sections(model, processor, model_dir)
         # The runtime's image section under the parity knobs, for the codec that runs the parity images.
         parity = Parity(knobs, family.bundle_sections(model, parity_processor(family, processor, knobs), model_dir)[0]
-                        if knobs else None, processor if knobs else None, family)
+                        if knobs else None, processor, family)
         kv_prefix = merged.method is not None and merged.method.export_as == "kv_prefix"
         graphs = {}
         for spec in graph_specs(family, model, processor):
@@ -293,12 +293,12 @@ def held_out(provenance: dict, count: int) -> tuple[list[Any], int]:
 class Parity:
     """How the parity images are run: the family's parity knobs (edgetune.export.parity), the runtime's
     image section under them (None without knobs), and for the preprocessing check at the bundle's
-    own settings the HF processor and family."""
+    own settings the HF processor (its own settings) and family."""
 
     knobs: dict
-    image: dict | None = None
-    processor: Any = None
-    family: Any = None
+    image: dict | None
+    processor: Any
+    family: Any
 
 
 def measure_torch(name: str, family: Any, model: Any, processor: Any, samples: list[Any], max_new_tokens: int,

@@ -23,10 +23,10 @@ export then ships the traced graph instead (edgetune.export.bundle).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
-PADDED_ROWS = "one_at_a_time"
+from edgetune.export.precision import move_graph
+
 # Fusions whose attention kernel reads row lengths from the mask (right padding only).
 ATTENTION_FUSIONS = {"sdpa", "gqa", "packed_qkv_for_gqa", "mha1", "mha2", "mha_scale", "mha_bias", "attention"}
 
@@ -57,20 +57,3 @@ def restore_traced(traced_path: Path, decoder_path: Path) -> None:
     """Put the traced graph that ``fuse_decoder`` moved aside back at ``decoder_path``."""
     move_graph(traced_path, decoder_path, rename_data=False)
 
-
-def move_graph(source: Path, target: Path, rename_data: bool = True) -> None:
-    """Move graph ``source`` and its data file ``source.data`` to ``target`` and ``target.data``. With
-    ``rename_data`` the protobuf is rewritten to name the new data file; without, it keeps naming the
-    old one (a graph moved aside and back)."""
-    import onnx
-
-    data = f"{target.name}.data"
-    if rename_data:
-        saved = onnx.load(str(source), load_external_data=False)
-        for init in saved.graph.initializer:
-            for entry in init.external_data:
-                if entry.key == "location":
-                    entry.value = data
-        onnx.save_model(saved, str(source))
-    os.replace(source.with_name(f"{source.name}.data"), target.with_name(data))
-    os.replace(source, target)

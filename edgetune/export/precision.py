@@ -419,20 +419,27 @@ def external_view(init: onnx.TensorProto, graph_path: Path) -> onnx.TensorProto:
 def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
     """Overwrite ``path`` and its ``.data`` file (every tensor over 1 KB outside the protobuf, so any
     graph loads past protobuf's 2 GB limit)."""
-    data = path.with_name(path.name + ".data")
     scratch = path.with_name(path.name + ".tmp")
     scratch_data = path.with_name(scratch.name + ".data")
     onnx.save_model(model, str(scratch), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=scratch_data.name, size_threshold=1024)
-    # The data file keeps its usual name; the protobuf names it, so fix the reference, then rename both.
-    saved = onnx.load(str(scratch), load_external_data=False)
-    for init in saved.graph.initializer:
-        for entry in init.external_data:
-            if entry.key == "location":
-                entry.value = data.name
-    onnx.save_model(saved, str(scratch))
-    os.replace(scratch_data, data)
-    os.replace(scratch, path)
+    move_graph(scratch, path)  # the data file keeps its usual name
+
+
+def move_graph(source: Path, target: Path, rename_data: bool = True) -> None:
+    """Move graph ``source`` and its data file ``source.data`` to ``target`` and ``target.data``. With
+    ``rename_data`` the protobuf is rewritten to name the new data file; without, it keeps naming the
+    old one (a graph moved aside and back)."""
+    data = f"{target.name}.data"
+    if rename_data:
+        saved = onnx.load(str(source), load_external_data=False)
+        for init in saved.graph.initializer:
+            for entry in init.external_data:
+                if entry.key == "location":
+                    entry.value = data
+        onnx.save_model(saved, str(source))
+    os.replace(source.with_name(f"{source.name}.data"), target.with_name(data))
+    os.replace(source, target)
 
 
 class quiet_quantizer:

@@ -16,7 +16,10 @@ from edgetune.errors import UserError
 # 1: plain bundles. 2: bundles that need a runtime which knows the KV prefix or the image_feature
 # decoder input (a format-1 runtime would answer without them). 3: bundles whose image codec is not
 # CLIP's, or whose decoder takes M-RoPE positions or extra inputs. Export writes the lowest that fits.
+# 4: bundles whose decoder assumes right padding (text.padded_rows), which an older runtime would feed
+# left-padded batches.
 READABLE_VERSIONS = (1, 2, 3, 4)
+PADDED_ROWS = "one_at_a_time"  # text.padded_rows: run a left-padded batch one row at a time
 MANIFEST_FILE = "manifest.json"
 KV_PREFIX_FILE = "kv_prefix.safetensors"
 GRAPH_NAMES = ("vision", "embed", "decoder")

@@ -34,7 +34,7 @@ from tokenizers.decoders import DecodeStream
 
 from edgetune.errors import UserError
 from edgetune.runtime import preprocess
-from edgetune.runtime.bundle import GRAPH_NAMES, MANIFEST_FILE, REEXPORT, load_manifest
+from edgetune.runtime.bundle import GRAPH_NAMES, MANIFEST_FILE, PADDED_ROWS, REEXPORT, load_manifest
 from edgetune.runtime.codecs import EncodedImage, get_codec
 
 ImageInput = Path | str | Image.Image
@@ -58,8 +58,9 @@ class OnnxVLM:
         self.feeds_image_feature = any(value["name"] == IMAGE_FEATURE for value in decoder["inputs"])
         self.eos_token_ids = set(manifest["tokenizer"]["eos_token_ids"])
         # A decoder with onnxruntime's fused attention assumes right padding: padded rows run alone.
-        self.rows_alone = manifest["text"].get("padded_rows") == "one_at_a_time"
+        self.rows_alone = manifest["text"].get("padded_rows") == PADDED_ROWS
         self.kv_prefix = kv_prefix or {}  # past input name -> [kv_heads, length, head_dim]
+        self.prefix_length = next(iter(self.kv_prefix.values())).shape[1] if self.kv_prefix else 0
         missing = [name for name in self.past_names if self.kv_prefix and name not in self.kv_prefix]
         if missing:
             raise UserError(f"{manifest['kv_prefix']['file']} has no tensor {missing[0]}; {REEXPORT}")
@@ -161,8 +162,7 @@ class OnnxVLM:
         position_ids = self.codec.positions(input_ids, attention_mask, images, state)
         extras = self.codec.decoder_feeds(input_ids, attention_mask, state)
         if self.kv_prefix:
-            length = next(iter(self.kv_prefix.values())).shape[1]
-            attention_mask = np.concatenate([np.ones((len(attention_mask), length), np.int64), attention_mask], axis=1)
+            attention_mask = np.concatenate([np.ones((len(attention_mask), self.prefix_length), np.int64), attention_mask], axis=1)
         feed = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids, **extras}
         if self.feeds_image_feature:
             feed[IMAGE_FEATURE] = state[IMAGE_FEATURE]
@@ -176,7 +176,7 @@ class OnnxVLM:
         lays them out: logits of padding positions are 0, cached padding positions hold zeros. State
         arrays (a codec's, the image feature) are per row along their first axis."""
         batch, seq = input_ids.shape
-        prefix = next(iter(self.kv_prefix.values())).shape[1] if self.kv_prefix else 0
+        prefix = self.prefix_length
         past = self.empty_past(batch) if past is None else past
         images = list(images or [])
         token_id = self.manifest["image"]["token_id"]
