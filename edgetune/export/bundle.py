@@ -143,6 +143,8 @@ def export_bundles(
         # The fp32 trace lies beside the first bundle (same file system), and each bundle hard-links it.
         first = next(iter(targets))
         trace = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f".{first.name}.trace-", dir=first.parent)))
+        # The traced decoder waits here while the fused one is checked (outside the bundle: not in its size).
+        aside = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f".{first.name}.traced-", dir=first.parent)))
         with console.status(f"loading {model_dir}"):
             merged = load_merged(model_dir)  # a "graph" method's modules are attached and get traced
             model, processor = merged.model, merged.processor
@@ -190,7 +192,7 @@ def export_bundles(
         # Not with a KV prefix: GroupQueryAttention takes the cache's length for the prompt's start.
         for fused in (True, False) if family.fuse_decoder and not kv_prefix else (False,):
             with console.status("fusing decoder.onnx's attention into onnxruntime's operators" if fused else "checking the traced decoder"):
-                tied = prepare_decoder(trace, manifest, fused, dims.hidden_size, version)
+                tied = prepare_decoder(trace, aside / "decoder.onnx", manifest, fused, dims.hidden_size, version)
             try:
                 with console.status("checking the fp32 bundle against PyTorch"):
                     fp32_stage, checks = measure_bundle("onnx fp32", trace, reference, samples, max_new_tokens, parity, preprocessing=True)
@@ -200,8 +202,6 @@ def export_bundles(
                 if not fused:
                     raise
                 console.print(f"[yellow]the fused decoder does not match PyTorch ({str(err).splitlines()[0]}); exporting the traced one")
-        (trace / TRACED_DECODER).unlink(missing_ok=True)
-        (trace / f"{TRACED_DECODER}.data").unlink(missing_ok=True)
         manifests = []
         for out, options in targets.items():
             scratch, options = scratches[out], options.for_table(tied)
@@ -245,14 +245,11 @@ def export_bundles(
 
 # ---- the fp32 decoder --------------------------------------------------------------------------
 
-TRACED_DECODER = "decoder.traced.onnx"  # the traced decoder, kept while the fused one is checked
-
-
-def prepare_decoder(trace: Path, manifest: dict, fused: bool, hidden: int, version: int) -> bool:
-    """decoder.onnx as traced or fused (edgetune.export.fusions), the tied table shared with it and
-    the manifest written for the runtime (format ``version``, 4 if the runtime must run padded rows
-    one at a time); returns whether the table is tied."""
-    decoder, traced = trace / "decoder.onnx", trace / TRACED_DECODER
+def prepare_decoder(trace: Path, traced: Path, manifest: dict, fused: bool, hidden: int, version: int) -> bool:
+    """decoder.onnx as traced or fused (edgetune.export.fusions; the traced graph is kept at ``traced``
+    meanwhile), the tied table shared with it and the manifest written for the runtime (format
+    ``version``, 4 if the runtime must run padded rows one at a time); returns whether the table is tied."""
+    decoder = trace / "decoder.onnx"
     fusions = {}
     if fused:
         fusions = fuse_decoder(decoder, traced)
