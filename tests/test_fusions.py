@@ -31,6 +31,11 @@ def test_the_decoder_is_fused_and_says_how_padded_rows_run(fused):
     layers = manifest["text"]["num_layers"]
     assert manifest["decoder_fusions"]["gqa"] == layers and ops["GroupQueryAttention"] == layers
     assert ops["Transpose"] == 0 and ops["Expand"] == 0  # no per-step copies of the cache
+    # One MatMul a layer feeds the attention its packed query, key and value.
+    assert manifest["decoder_fusions"]["packed_qkv"] == layers
+    attention = [node for node in onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph.node
+                 if node.op_type == "GroupQueryAttention"]
+    assert all(node.input[1] == node.input[2] == "" for node in attention)
     assert manifest["text"]["padded_rows"] == "one_at_a_time" and manifest["format_version"] == 4
     assert max(check["max_abs_diff"] for check in manifest["parity"]["checks"]) < 1e-4
     # The traced decoder kept aside during the check is not counted in the fp32 bundle's size.
@@ -63,6 +68,36 @@ def test_a_left_padded_batch_answers_as_each_row_alone(fused):
             assert np.abs(logits[i, -1] - row_logits[0, -1]).max() < 1e-5
 
 
+def test_the_in_place_cache_answers_as_the_copied_one(fused):
+    """GroupQueryAttention reading and writing a preallocated buffer (OnnxVLM.kv_buffer, what
+    generation uses) gives the same logits, bit for bit, as the cache passed in and out as arrays."""
+    out, _ = fused
+    vlm = OnnxVLM.load(out)
+    image = vlm.encode_image(parity_image(0))
+    ids = np.array([vlm.prompt_ids("What color is the shape?", image)])
+    mask = np.ones_like(ids)
+    capacity = ids.shape[1] + 3
+    buffer = vlm.kv_buffer(1, capacity)
+    assert buffer is not None and buffer[vlm.past_names[0]].shape[2] == capacity
+    copied, past = vlm.forward(ids, mask, images=[image])
+    in_place, cache = vlm.forward(ids, mask, buffer, images=[image])
+    assert np.array_equal(copied, in_place)
+    for _ in range(3):
+        step = copied[:, -1].argmax(-1)[:, None]
+        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+        copied, past = vlm.forward(step, mask, past)
+        in_place, cache = vlm.forward(step, mask, cache)
+        assert np.array_equal(copied, in_place)
+    full = mask.shape[1]
+    assert np.array_equal(cache[vlm.past_names[0]][:, :, :full], past[vlm.past_names[0]])
+    # The prefill as generation runs it: the LM head on the last position only, the same row.
+    last, _ = vlm.forward(ids, np.ones_like(ids), vlm.kv_buffer(1, capacity), images=[image], logits_to_keep=1)
+    everything, _ = vlm.forward(ids, np.ones_like(ids), images=[image])
+    assert last.shape == (1, 1, everything.shape[-1]) and np.abs(last[0, 0] - everything[0, -1]).max() < 1e-5
+    with pytest.raises(ValueError, match="do not fit a KV buffer"):
+        vlm.forward(step, np.ones((1, capacity + 1), np.int64), cache)
+
+
 def test_a_fused_decoder_that_fails_the_check_is_replaced_by_the_traced_one(tiny_llava_dir, tmp_path, monkeypatch):
     checked = []
 
@@ -80,4 +115,6 @@ def test_a_fused_decoder_that_fails_the_check_is_replaced_by_the_traced_one(tiny
     ops = op_counts(tmp_path / "bundle" / "decoder.onnx")
     assert ops["GroupQueryAttention"] == 0 and ops["MatMul"] > 0
     assert [path.name for path in tmp_path.iterdir()] == ["bundle"]  # no traced decoder left beside it
-    assert len(OnnxVLM.load(tmp_path / "bundle").generate_ids(parity_image(0), "What color?", max_new_tokens=3)) > 0
+    vlm = OnnxVLM.load(tmp_path / "bundle")
+    assert vlm.kv_buffer(1, 8) is None  # the traced attention concatenates: its cache grows each step
+    assert len(vlm.generate_ids(parity_image(0), "What color?", max_new_tokens=3)) > 0

@@ -77,13 +77,20 @@ def test_every_precision_exports_within_tolerance(family, pipeline, tmp_path):
         cache = "float16" if precision == "fp16" else "float32"
         assert dtypes["past_key_values.0.key"] == dtypes["present.0.value"] == cache
         assert dtypes["inputs_embeds"] == dtypes["logits"] == "float32"
-    # int4: every linear layer of the decoder (and the LM head) is a MatMulNBits, 4 bits a weight.
+    # int4: every linear layer of the decoder (and the LM head) is a MatMulNBits, 4 bits a weight; a
+    # fused decoder's query, key and value projections are one (edgetune.export.fusions.pack_qkv).
     linears = weight_matmuls(fp32 / "decoder.onnx")
-    assert linears == 7 * FAMILIES[family].num_layers(json_config(root / "merged")) + 1
+    packed = fp32_manifest["decoder_fusions"].get("packed_qkv", 0)
+    assert packed == fp32_manifest["decoder_fusions"].get("gqa", 0)  # every GroupQueryAttention packed
+    assert linears == 7 * FAMILIES[family].num_layers(json_config(root / "merged")) - 2 * packed + 1
     int4_ops = op_counts(bundles["int4"] / "decoder.onnx")
     assert int4_ops["MatMulNBits"] == linears and weight_matmuls(bundles["int4"] / "decoder.onnx") == 0
-    int8_vision = op_counts(bundles["int4"] / "vision.onnx")["MatMulNBits"]
-    assert int8_vision == weight_matmuls(fp32 / "vision.onnx") > 0
+    int8_vision = op_counts(bundles["int4"] / "vision.onnx")
+    assert int8_vision["MatMulNBits"] == weight_matmuls(fp32 / "vision.onnx") > 0
+    # ...with onnxruntime's fused attention where the rewriter matches the tower (edgetune.export.fusions).
+    vision_fusions = json.loads((bundles["int4"] / "manifest.json").read_text())["vision_fusions"]
+    attention_fusions = sum(vision_fusions.get(name, 0) for name in ("mha1", "mha2", "sdpa_via_mha"))
+    assert int8_vision["MultiHeadAttention"] == attention_fusions > 0
     # Sizes: 4 bits + one fp32 scale per 32 weights is 0.156x of fp32 (a tied head at 8 bits 0.281x;
     # norms stay fp32).
     size = lambda bundle, name: (bundle / f"{name}.onnx.data").stat().st_size  # noqa: E731

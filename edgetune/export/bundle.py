@@ -42,7 +42,7 @@ from safetensors.numpy import save_file as save_numpy
 
 from edgetune.errors import UserError
 from edgetune.export import precision as precisions
-from edgetune.export.fusions import ATTENTION_FUSIONS, fuse_decoder, restore_traced
+from edgetune.export.fusions import ATTENTION_FUSIONS, fuse_decoder, fuse_vision, keep_last_logits, restore_traced
 from edgetune.export.graphs import OPSET, describe_graph, export_graph, fed_modules, graph_specs, text_dims
 from edgetune.export.parity import (
     ParityError,
@@ -255,6 +255,7 @@ def prepare_decoder(trace: Path, traced: Path, manifest: dict, fused: bool, hidd
         fusions = fuse_decoder(decoder, traced)
     elif traced.exists():
         restore_traced(traced, decoder)
+    keep_last_logits(decoder)
     manifest["graphs"]["decoder"] = describe_graph(decoder)
     manifest["decoder_fusions"] = fusions
     manifest["text"].pop("padded_rows", None)
@@ -430,6 +431,8 @@ def convert_graphs(trace: Path, scratch: Path, manifest: dict, options: Any, tie
     }
     for name, precision in (("vision", options.vision_precision), ("decoder", options.precision)):
         report[name] = precisions.convert_graph(trace / f"{name}.onnx", scratch / f"{name}.onnx", precision, options, keep[name])
+    quantized_vision = options.vision_precision in precisions.BITS
+    manifest["vision_fusions"] = fuse_vision(scratch / "vision.onnx") if quantized_vision else {}
     if tied and options.precision != "fp32":
         if not precisions.can_share(options.precision, options, hidden):
             raise UserError(f"--block-size {options.block_size}: a tied embedding table of width {hidden} needs a block size that divides it")

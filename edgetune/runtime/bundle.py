@@ -20,6 +20,7 @@ from edgetune.errors import UserError
 # left-padded batches.
 READABLE_VERSIONS = (1, 2, 3, 4)
 PADDED_ROWS = "one_at_a_time"  # text.padded_rows: run a left-padded batch one row at a time
+LOGITS_TO_KEEP = "logits_to_keep"  # optional decoder input: logits for the last N positions (0: all)
 MANIFEST_FILE = "manifest.json"
 KV_PREFIX_FILE = "kv_prefix.safetensors"
 GRAPH_NAMES = ("vision", "embed", "decoder")

@@ -11,6 +11,14 @@ dict of numpy arrays keyed by the decoder's past input names; each step's ``pres
 become the next step's ``past_key_values.*`` inputs. Other keys in that dict are per-generation
 state (LLaMA-Adapter's image feature, a codec's M-RoPE offsets) carried to the next step.
 
+A decoder whose every layer is onnxruntime's GroupQueryAttention (edgetune.export.fusions) can
+instead keep its cache in place: ``kv_buffer`` preallocates [batch, kv_heads, capacity, head_dim]
+per layer; the prompt's cache is copied in once, and each later step binds the buffer (IOBinding)
+as both the past input and the present output, so that it writes its new key and value into the
+buffer and copies nothing else (GroupQueryAttention's shared past/present buffer, the layout
+onnxruntime-genai decodes with). Generation uses it when the bundle allows; the answers are the
+same, bit for bit.
+
 What differs between families at the image boundary (preprocessing, the image's text in the
 prompt, position ids, extra decoder inputs) is the codec's (edgetune.runtime.codecs), chosen by
 the manifest's image.codec.
@@ -34,11 +42,12 @@ from tokenizers.decoders import DecodeStream
 
 from edgetune.errors import UserError
 from edgetune.runtime import preprocess
-from edgetune.runtime.bundle import GRAPH_NAMES, MANIFEST_FILE, PADDED_ROWS, REEXPORT, load_manifest
+from edgetune.runtime.bundle import GRAPH_NAMES, LOGITS_TO_KEEP, MANIFEST_FILE, PADDED_ROWS, REEXPORT, load_manifest
 from edgetune.runtime.codecs import EncodedImage, get_codec
 
 ImageInput = Path | str | Image.Image
 IMAGE_FEATURE = "image_feature"
+IN_PLACE = "kv_in_place"  # marks a past dict whose arrays are kv_buffer's preallocated buffers
 
 
 class OnnxVLM:
@@ -59,6 +68,14 @@ class OnnxVLM:
         self.eos_token_ids = set(manifest["tokenizer"]["eos_token_ids"])
         # A decoder with onnxruntime's fused attention assumes right padding: padded rows run alone.
         self.rows_alone = manifest["text"].get("padded_rows") == PADDED_ROWS
+        # GroupQueryAttention in every layer reads the cache length from the positions, not from the
+        # past's shape: the cache can be a preallocated buffer written in place.
+        fused = manifest.get("decoder_fusions", {})
+        self.in_place_cache = fused.get("gqa") == manifest["text"]["num_layers"] and not kv_prefix
+        # Bundles from before it compute every position's logits; forward then slices them.
+        self.takes_logits_to_keep = any(value["name"] == LOGITS_TO_KEEP for value in decoder["inputs"])
+        outputs = [value["name"] for value in decoder["outputs"]]
+        self.present_names = [name for name in outputs if name.startswith("present.")]
         self.kv_prefix = kv_prefix or {}  # past input name -> [kv_heads, length, head_dim]
         self.prefix_length = next(iter(self.kv_prefix.values())).shape[1] if self.kv_prefix else 0
         missing = [name for name in self.past_names if self.kv_prefix and name not in self.kv_prefix]
@@ -132,23 +149,38 @@ class OnnxVLM:
         shape = (batch, text["num_kv_heads"], 0, text["head_dim"])
         return {name: np.zeros(shape, self.past_dtype) for name in self.past_names}
 
+    def kv_buffer(self, batch: int, capacity: int) -> dict[str, np.ndarray | bool] | None:
+        """An empty cache preallocated for ``capacity`` positions that the decoder reads and writes in
+        place, for ``forward``'s ``past`` (None when this bundle's decoder cannot: see the module
+        docstring): per layer [batch, kv_heads, capacity, head_dim], flagged by the key IN_PLACE. A
+        forward step writes into it: pass on only the newest cache ``forward`` returns."""
+        if not self.in_place_cache:
+            return None
+        text = self.manifest["text"]
+        shape = (batch, text["num_kv_heads"], capacity, text["head_dim"])
+        return {IN_PLACE: True, **{name: np.zeros(shape, self.past_dtype) for name in self.past_names}}
+
     def forward(
         self,
         input_ids: np.ndarray,
         attention_mask: np.ndarray,
         past: dict[str, np.ndarray] | None = None,
         images: list[EncodedImage] | None = None,
+        logits_to_keep: int = 0,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One pass over new tokens: (logits [batch, seq, vocab], present cache and state).
 
         input_ids [batch, seq] are the new tokens; attention_mask [batch, past + seq] covers the
         cached and the new ones (0 = padding). ``images`` fill the image tokens of input_ids in
-        reading order (row by row).
+        reading order (row by row). ``logits_to_keep`` > 0 returns the logits of the last that many
+        positions only ([batch, logits_to_keep, vocab]), which the LM head then skips computing.
         """
         input_ids = np.asarray(input_ids, dtype=np.int64)
         attention_mask = np.asarray(attention_mask, dtype=np.int64)
         if self.rows_alone and len(input_ids) > 1 and not attention_mask.all():
-            return self._forward_rows(input_ids, attention_mask, past, images)
+            if past and past.get(IN_PLACE):
+                raise ValueError("a kv_buffer cache takes unpadded batches; pass past=None for a padded one")
+            return self._forward_rows(input_ids, attention_mask, past, images, logits_to_keep)
         past = self.empty_past(len(input_ids)) if past is None else past
         state = {key: value for key, value in past.items() if key not in self.past_names}
         (embeds,) = self.sessions["embed"].run(None, {"input_ids": input_ids})
@@ -166,11 +198,46 @@ class OnnxVLM:
         feed = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids, **extras}
         if self.feeds_image_feature:
             feed[IMAGE_FEATURE] = state[IMAGE_FEATURE]
-        feed.update((name, past[name]) for name in self.past_names)
-        logits, *present = self.sessions["decoder"].run(None, feed)
-        return logits, {**dict(zip(self.past_names, present)), **state}
+        if self.takes_logits_to_keep:
+            feed[LOGITS_TO_KEEP] = np.array(logits_to_keep, np.int64)
+        if state.get(IN_PLACE):
+            logits = self._run_in_place(feed, past, input_ids.shape[1])
+            present = {name: past[name] for name in self.past_names}
+        else:
+            feed.update((name, past[name]) for name in self.past_names)
+            logits, *cache = self.sessions["decoder"].run(None, feed)
+            present = dict(zip(self.past_names, cache))
+        if logits_to_keep and logits.shape[1] > logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        return logits, {**present, **state}
 
-    def _forward_rows(self, input_ids, attention_mask, past, images):
+    def _run_in_place(self, feed: dict[str, np.ndarray], cache: dict[str, np.ndarray], seq: int) -> np.ndarray:
+        """decoder.onnx on a ``kv_buffer`` cache. The prompt (an empty buffer) runs as usual, and its
+        cache is copied in once; every later step binds each layer's buffer as both its past input and
+        its present output (IOBinding), so GroupQueryAttention appends in place. IOBinding cannot bind
+        ``logits_to_keep`` (an initializer-backed input): those steps get every position's logits."""
+        total, capacity = feed["attention_mask"].shape[1], cache[self.past_names[0]].shape[2]
+        if total > capacity:
+            raise ValueError(f"{total} positions do not fit a KV buffer of {capacity}")
+        if total == seq:
+            feed.update((name, cache[name][:, :, :0]) for name in self.past_names)
+            logits, *present = self.sessions["decoder"].run(None, feed)
+            for name, value in zip(self.past_names, present):
+                cache[name][:, :, :seq] = value
+            return logits
+        binding = self.sessions["decoder"].io_binding()
+        for name, value in feed.items():
+            if name != LOGITS_TO_KEEP:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output("logits")
+        for past_name, present_name in zip(self.past_names, self.present_names):
+            buffer = cache[past_name]
+            binding.bind_cpu_input(past_name, buffer)
+            binding.bind_output(present_name, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
+        self.sessions["decoder"].run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    def _forward_rows(self, input_ids, attention_mask, past, images, logits_to_keep):
         """``forward`` on a padded batch, one row at a time without its padding (for a decoder that
         assumes right padding; see edgetune.export.fusions). Results are laid out as the batched call
         lays them out: logits of padding positions are 0, cached padding positions hold zeros. State
@@ -190,10 +257,14 @@ class OnnxVLM:
                 row_images.append(images.pop(0))
             row_past = {name: value[row : row + 1][:, :, cached] if name in self.past_names else value[row : row + 1]
                         for name, value in past.items()}
-            out, row_present = self.forward(ids, np.ones((1, int(real.sum())), np.int64), row_past, row_images or None)
+            out, row_present = self.forward(ids, np.ones((1, int(real.sum())), np.int64), row_past, row_images or None,
+                                            logits_to_keep)
             if logits is None:
-                logits = np.zeros((batch, seq, out.shape[-1]), out.dtype)
-            logits[row, real[-seq:]] = out[0]
+                logits = np.zeros((batch, logits_to_keep or seq, out.shape[-1]), out.dtype)
+            if logits_to_keep:  # the last positions are real in every row of a left-padded batch
+                logits[row, -out.shape[1]:] = out[0]
+            else:
+                logits[row, real[-seq:]] = out[0]
             kept = np.concatenate([np.ones(prefix, bool), real])
             for name in self.past_names:
                 cache = row_present[name]
@@ -249,7 +320,8 @@ class OnnxVLM:
         encoded = self.encode_image(image)
         input_ids = np.array([self.prompt_ids(prompt, encoded)], dtype=np.int64)
         mask = np.ones_like(input_ids)
-        logits, past = self.forward(input_ids, mask, images=[encoded])
+        past = self.kv_buffer(1, input_ids.shape[1] + max_new_tokens)
+        logits, past = self.forward(input_ids, mask, past, images=[encoded], logits_to_keep=1)
         rng = np.random.default_rng(seed)
         for produced in range(1, max_new_tokens + 1):
             token = next_token(logits[0, -1], temperature, top_p, rng)

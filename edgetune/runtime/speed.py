@@ -12,7 +12,8 @@ def decode_tokens_per_second(vlm, image, prompt: str, tokens: int = 64) -> float
     encoded = vlm.encode_image(image)
     input_ids = np.array([vlm.prompt_ids(prompt, encoded)], dtype=np.int64)
     mask = np.ones_like(input_ids)
-    logits, past = vlm.forward(input_ids, mask, images=[encoded])
+    past = vlm.kv_buffer(1, input_ids.shape[1] + tokens)
+    logits, past = vlm.forward(input_ids, mask, past, images=[encoded], logits_to_keep=1)
     start = time.perf_counter()
     for _ in range(tokens):
         token = int(np.argmax(logits[0, -1]))
