@@ -16,6 +16,10 @@ benchmarks/configs/ shapes) it prepares, under ``--work`` (reused when already t
   same as the VLM's text model; the image tokens are fed to them as random token ids;
 - GGUF F32/F16 of that text model (llama.cpp's convert_hf_to_gguf.py from llama-cpp-python's
   sdist, ``--llama-src``), quantized to Q4_0 and Q4_K_M with ``llama_cpp.llama_model_quantize``;
+- the mmproj GGUF of the VLM's vision tower and connector (the same converter with ``--mmproj``, F16
+  as llama.cpp's published mmproj files are; patch embedding and position table stay F32, as the
+  converter wants). It reads only the vision/connector tensors of the VLM directory, so it pairs
+  with every text GGUF above (the same checkpoint). Only for the families in MTMD_FAMILIES;
 - onnxruntime-genai models (its model builder, int4 and fp32, CPU), with intra_op_num_threads set.
 
 Then it measures, one engine at a time, each in a fresh subprocess:
@@ -32,8 +36,26 @@ Then it measures, one engine at a time, each in a fresh subprocess:
   ``--decode-tokens`` timed steps (eos is ignored; random weights emit it at random). Peak RSS is
   the worker's VmHWM (the whole process: Python, onnxruntime, the sessions).
 - llama.cpp (llama-cpp-python, ``Llama(n_threads=N, n_threads_batch=N)``, its default n_batch):
-  prefill tokens/s over the same number of prompt tokens as edgetune's prompt (image tokens
-  included), then 2 + ``--decode-tokens`` single-token evals, argmax fed back.
+  TTFT through llama.cpp's multimodal library (mtmd, driven through llama-cpp-python's ctypes
+  bindings as its Llava15ChatHandler drives it) for the GGUF types in ``--llamacpp-ttft`` (default
+  Q4_0): the same 512x512 image (raw RGB, so no file decoding on either side) and the same question
+  in the same chat prompt (the manifest's single turn, mtmd's media marker for the image). mtmd's
+  context: the mmproj GGUF, N threads, CPU, its defaults otherwise (flash attention auto, a warm-up
+  encode at load). Preprocessing = mtmd_bitmap_init + mtmd_tokenize (resize, tiles, normalization,
+  the prompt's tokens); vision = mtmd_encode_chunk summed over the image chunks (llama.cpp encodes
+  one tile per call); prefill = the rest up to the first token: each text chunk through
+  ``Llama.eval`` and each image chunk's embeddings through mtmd_helper_decode_image_chunk, in prompt
+  order (llama.cpp interleaves them: encode tile 1, decode its tokens, encode tile 2, ...; the split
+  sums those intervals), then the argmax of the last logits. Median of ``--repeats`` after one
+  warm-up run, as edgetune's. The row's prefill columns are then this prefill (the text-only one
+  below is in the JSON and in the note), and its peak RSS includes the vision tower. Then, on the
+  same context: prefill tokens/s over the same number of prompt tokens as edgetune's prompt (random
+  ids standing for the image tokens), then 2 + ``--decode-tokens`` single-token evals, argmax fed
+  back. mtmd looks up a few separator texts as single tokens; the random checkpoints' small
+  tokenizers lack Idefics3's "\\n\\n", which is then spelled as the tokenizer spells it (two "\\n"), as
+  in edgetune's prompt: both prompts are then the same token ids (1155 for SmolVLM-256M at 512 px:
+  17 frames of 64 tokens plus 67 text tokens). The table's note gives llama.cpp's frames and image
+  tokens beside edgetune's.
 - onnxruntime-genai: the same prompt length through ``append_tokens`` (prefill), then
   ``generate_next_token`` steps; min_length = max_length so that eos does not end the run.
 - PyTorch eager (fp32, the merged VLM, ``torch.set_num_threads(N)``): ``generate`` with
@@ -49,8 +71,9 @@ Then it measures, one engine at a time, each in a fresh subprocess:
 
 Prints a table per model, then the machine's facts, then, last, one line per model:
 ``RESULT model=<name> int4_tok_s=<x> llamacpp_q4_0_tok_s=<y> ortgenai_int4_tok_s=<z>
-roofline_tok_s=<r> ttft_s=<t>`` (edgetune int4 decode, llama.cpp Q4_0 decode, genai int4 decode,
-the int4 bundle's roofline, edgetune int4 TTFT; ``nan`` for an engine that did not run).
+roofline_tok_s=<r> ttft_s=<t> llamacpp_ttft_s=<u>`` (edgetune int4 decode, llama.cpp Q4_0 decode,
+genai int4 decode, the int4 bundle's roofline, edgetune int4 TTFT, llama.cpp Q4_0 multimodal TTFT;
+``nan`` for an engine that did not run).
 
 Environments. The runtime under test stays torch-free: its worker imports only the runtime. The
 ``bench`` extra (``pip install -e .[bench]``, with CMAKE_ARGS=-DGGML_NATIVE=ON so that llama.cpp is
@@ -72,6 +95,7 @@ through its own public API.
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import json
 import math
@@ -94,6 +118,11 @@ ENGINES = ("edgetune", "llamacpp", "genai", "torch")
 GGUF_TYPES = {"F32": None, "F16": None, "Q4_0": 2, "Q4_K_M": 15}  # llama_ftype of the quantized ones
 GENAI_PRECISIONS = ("int4", "fp32")
 PRE_TOKENIZER = {"idefics3": "smollm", "qwen2_vl": "qwen2"}  # what convert_hf_to_gguf.py is told
+# Families whose TTFT goes through llama.cpp's multimodal path, with the separator text that mtmd looks
+# up as one token and the random checkpoints' small tokenizers lack (spelled out instead). Not
+# qwen2_vl: mtmd decodes its image with M-RoPE positions, which the plain Qwen2 text GGUF lacks.
+MTMD_FAMILIES = {"idefics3": "\n\n"}
+LLAMA_TOKEN_NULL = -1  # what mtmd puts in a text chunk for a separator the vocabulary lacks
 WARMUP_STEPS = 2
 WORKER_TAG = "WORKER_JSON "
 GB = 1e9
@@ -158,8 +187,14 @@ def worker_edgetune(spec: dict) -> dict:
         t2 = time.perf_counter()
         vlm.image_embeds = precomputed_image_embeds
         cached["calls"] = 0
+        # The prefill as generation runs it: the cache preallocated and written in place where the
+        # bundle allows it, and the last position's logits only (OnnxVLM.kv_buffer and logits_to_keep;
+        # a --edgetune-src from before them has neither).
+        capacity = ids.shape[1] + WARMUP_STEPS + spec["decode_tokens"]
+        past = vlm.kv_buffer(1, capacity) if hasattr(vlm, "kv_buffer") else None
+        last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(vlm.forward).parameters else {}
         try:
-            logits, past = vlm.forward(ids, np.ones_like(ids), images=[encoded])
+            logits, past = vlm.forward(ids, np.ones_like(ids), past, images=[encoded], **last_only)
         finally:
             del vlm.image_embeds  # back to the class's method
         token = int(np.argmax(logits[0, -1]))
@@ -228,6 +263,132 @@ def gguf_read_bytes(path: str, llama_src: str) -> dict:
     return {"tensor_bytes": sum(tensors.values()), "weights_read": sum(tensors.values()) - table}
 
 
+def mtmd_context(llm, mmproj: str, threads: int):
+    """llama.cpp's multimodal context for ``mmproj`` on ``llm``'s text model: CPU, ``threads``
+    threads, mtmd's defaults otherwise (flash attention auto, a warm-up encode at load)."""
+    from llama_cpp import mtmd_cpp
+
+    params = mtmd_cpp.mtmd_context_params_default()
+    params.use_gpu = False
+    params.print_timings = False
+    params.n_threads = threads
+    ctx = mtmd_cpp.mtmd_init_from_file(mmproj.encode(), llm.model, params)
+    if not ctx:
+        raise RuntimeError(f"mtmd_init_from_file failed for {mmproj}")
+    return ctx
+
+
+def chunk_text_tokens(chunk, spelled_null: list[int]) -> list[int]:
+    """A text chunk's token ids, each LLAMA_TOKEN_NULL (a separator the vocabulary lacks) replaced by
+    ``spelled_null``, the tokenizer's spelling of that separator."""
+    import ctypes
+
+    from llama_cpp import mtmd_cpp
+
+    count = ctypes.c_size_t()
+    tokens = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
+    ids = []
+    for i in range(count.value):
+        if tokens[i] == LLAMA_TOKEN_NULL and not spelled_null:
+            raise RuntimeError("mtmd's prompt has a separator this vocabulary lacks (see MTMD_FAMILIES)")
+        ids += spelled_null if tokens[i] == LLAMA_TOKEN_NULL else [tokens[i]]
+    return ids
+
+
+def eval_image_chunk(llm, ctx, chunk) -> tuple[float, float]:
+    """One image chunk (one frame) into ``llm``'s cache at its n_tokens: mtmd_helper_eval_chunk_single's
+    image branch, timed. Returns (encode seconds, decode seconds)."""
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import mtmd_cpp
+
+    start = time.perf_counter()
+    if mtmd_cpp.mtmd_encode_chunk(ctx, chunk):
+        raise RuntimeError("mtmd_encode_chunk failed")
+    encoded = time.perf_counter()
+    n_past = llama_cpp.llama_pos(llm.n_tokens)
+    no_callback = mtmd_cpp.mtmd_helper_post_decode_callback()
+    if mtmd_cpp.mtmd_helper_decode_image_chunk(ctx, llm._ctx.ctx, chunk, mtmd_cpp.mtmd_get_output_embd(ctx), llm.n_tokens, 0,
+                                               llm.n_batch, ctypes.byref(n_past), no_callback, None):
+        raise RuntimeError("mtmd_helper_decode_image_chunk failed")
+    llm.n_tokens = n_past.value
+    return encoded - start, time.perf_counter() - encoded
+
+
+def llamacpp_first_token(llm, ctx, pixels, prompt: str, spelled_null: list[int]) -> dict:
+    """One time to first token through mtmd, from the RGB pixels [H, W, 3] uint8 and a prompt with
+    mtmd's media marker, split into preprocess_s / vision_s / prefill_s (seconds; see the module
+    docstring), with the image's frames (image chunks) and tokens."""
+    import ctypes
+
+    import numpy as np
+    from llama_cpp import mtmd_cpp
+
+    llm.reset()  # the next eval drops the cache
+    t0 = time.perf_counter()
+    rgb = pixels.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+    bitmap = mtmd_cpp.mtmd_bitmap_init(pixels.shape[1], pixels.shape[0], rgb)
+    text, raw = mtmd_cpp.mtmd_input_text(), prompt.encode()
+    text.text, text.text_len, text.add_special, text.parse_special = raw, len(raw), True, True
+    chunks = mtmd_cpp.mtmd_input_chunks_init()
+    try:
+        if mtmd_cpp.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bitmap), 1):
+            raise RuntimeError("mtmd_tokenize failed")
+        t1 = time.perf_counter()
+        if mtmd_cpp.mtmd_helper_get_n_tokens(chunks) > llm.n_ctx():
+            raise RuntimeError(f"mtmd's prompt exceeds n_ctx {llm.n_ctx()}")
+        vision = prefill = 0.0
+        frames = image_tokens = 0
+        for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, i)
+            if mtmd_cpp.mtmd_input_chunk_get_type(chunk) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                start = time.perf_counter()
+                llm.eval(chunk_text_tokens(chunk, spelled_null))
+                prefill += time.perf_counter() - start
+            else:
+                encode_s, decode_s = eval_image_chunk(llm, ctx, chunk)
+                vision, prefill = vision + encode_s, prefill + decode_s
+                frames, image_tokens = frames + 1, image_tokens + mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
+        start = time.perf_counter()
+        int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))  # the first token
+        t3 = time.perf_counter()
+        prefill += t3 - start
+    finally:
+        mtmd_cpp.mtmd_input_chunks_free(chunks)
+        mtmd_cpp.mtmd_bitmap_free(bitmap)
+    return {"preprocess_s": t1 - t0, "vision_s": vision, "prefill_s": prefill, "ttft_s": t3 - t0,
+            "frames": frames, "image_tokens": image_tokens, "prompt_tokens": llm.n_tokens}
+
+
+def llamacpp_ttft(llm, spec: dict) -> dict:
+    """TTFT of llama.cpp's multimodal path: the median of ``repeats`` runs after one warm-up run
+    (seconds), edgetune's image and question."""
+    import numpy as np
+    from llama_cpp import mtmd_cpp
+    from tokenizers import Tokenizer
+
+    started = time.perf_counter()
+    ctx = mtmd_context(llm, spec["mmproj"], spec["threads"])
+    load_s = time.perf_counter() - started
+    try:
+        rng = np.random.default_rng(0)  # edgetune's worker's image, as raw RGB
+        pixels = np.ascontiguousarray(rng.integers(0, 256, (spec["image_size"], spec["image_size"], 3), dtype=np.uint8))
+        question, _ = question_text(Tokenizer.from_file(spec["tokenizer"]), spec["question_tokens"])
+        before, after = spec["single_turn"].split(spec["image_placeholder"], 1)
+        marker = mtmd_cpp.mtmd_default_marker().decode()
+        prompt = before.replace("{prompt}", question) + marker + after.replace("{prompt}", question)
+        spelled_null = llm.tokenize(spec["mtmd_null"].encode(), add_bos=False, special=True) if spec["mtmd_null"] else []
+        cold = llamacpp_first_token(llm, ctx, pixels, prompt, spelled_null)
+        runs = [llamacpp_first_token(llm, ctx, pixels, prompt, spelled_null) for _ in range(spec["repeats"])]
+    finally:
+        mtmd_cpp.mtmd_free(ctx)
+    splits = ("preprocess_s", "vision_s", "prefill_s", "ttft_s")
+    return {**{key: statistics.median(run[key] for run in runs) for key in splits}, "mtmd_load_s": load_s,
+            "cold": {key: cold[key] for key in splits}, "frames": runs[-1]["frames"],
+            "image_tokens": runs[-1]["image_tokens"], "mtmd_prompt_tokens": runs[-1]["prompt_tokens"]}
+
+
 def worker_llamacpp(spec: dict) -> dict:
     import numpy as np
     from llama_cpp import Llama
@@ -236,12 +397,19 @@ def worker_llamacpp(spec: dict) -> dict:
     n_ctx = spec["prompt_tokens"] + WARMUP_STEPS + spec["decode_tokens"] + 16
     llm = Llama(model_path=spec["gguf"], n_ctx=n_ctx, n_threads=spec["threads"], n_threads_batch=spec["threads"],
                 verbose=False)
+    ttft = {}
+    if spec.get("mmproj"):
+        try:
+            ttft = llamacpp_ttft(llm, spec)
+        except Exception as err:  # noqa: BLE001 (the text numbers still count; the table shows why TTFT is missing)
+            ttft = {"ttft_error": str(err).splitlines()[0]}
     prompt = random_prompt(spec["prompt_tokens"], spec["token_low"], spec["token_high"], spec["avoid"])
     vocab = llm.n_vocab()
 
     def last_logits():  # the last evaluated token's row (Llama.eval keeps no scores without logits_all)
         return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
 
+    llm.reset()
     llm.eval(prompt[:8])  # warm-up (first-call allocations); reset() makes the next eval drop this cache
     llm.reset()
     t0 = time.perf_counter()
@@ -254,9 +422,13 @@ def worker_llamacpp(spec: dict) -> dict:
         llm.eval([token])
         if step >= WARMUP_STEPS:
             steps.append(time.perf_counter() - t0)
-    return {**facts, "prompt_tokens": len(prompt), "prefill_s": prefill_s, "prefill_tok_s": len(prompt) / prefill_s,
-            "decode_tok_s": len(steps) / sum(steps), "decode_step_ms_p50": 1e3 * statistics.median(steps),
-            "peak_rss": vm_hwm()}
+    prefill = {"text_prefill_s": prefill_s, "text_prefill_tok_s": len(prompt) / prefill_s}
+    if "ttft_s" in ttft:  # the row's prefill is the multimodal one (the module docstring)
+        prefill.update(prefill_s=ttft["prefill_s"], prefill_tok_s=ttft["mtmd_prompt_tokens"] / ttft["prefill_s"])
+    else:
+        prefill.update(prefill_s=prefill_s, prefill_tok_s=len(prompt) / prefill_s)
+    return {**facts, **ttft, **prefill, "prompt_tokens": len(prompt), "decode_tok_s": len(steps) / sum(steps),
+            "decode_step_ms_p50": 1e3 * statistics.median(steps), "peak_rss": vm_hwm()}
 
 
 def onnx_read_bytes(model_path: str) -> dict:
@@ -538,20 +710,38 @@ def text_facts(text_dir: Path) -> dict:
             "vocab_size": config["vocab_size"]}
 
 
-def convert_gguf(text_dir: Path, out_dir: Path, llama_src: Path, family: str, threads: int) -> dict[str, Path]:
-    """GGUF F32/F16 by convert_hf_to_gguf.py (told the tiny tokenizer's pre-tokenizer), Q4_0/Q4_K_M
-    by llama_model_quantize. Returns {type: path} for those that exist."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def converter(llama_src: Path, family: str) -> tuple[list[str], dict]:
+    """The command that runs llama.cpp's convert_hf_to_gguf.py (arguments follow) and its environment."""
     vendor = llama_src / "vendor" / "llama.cpp"
-    paths = {kind: out_dir / f"text-{kind.lower()}.gguf" for kind in GGUF_TYPES}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(vendor / "gguf-py"), str(vendor)]))
     # The tiny tokenizer's hash is in no list of known pre-tokenizers: name the family's instead.
     convert = ("import sys, conversion.base as base, convert_hf_to_gguf as c; "
                f"base.TextModel.get_vocab_base_pre = lambda self, tokenizer: {PRE_TOKENIZER[family]!r}; "
                "sys.argv = ['convert_hf_to_gguf.py'] + sys.argv[1:]; c.main()")
+    return [sys.executable, "-c", convert], env
+
+
+def convert_mmproj(model_dir: Path, out_dir: Path, llama_src: Path, family: str) -> Path:
+    """The VLM's vision tower and connector as llama.cpp's mmproj GGUF, F16 (convert_hf_to_gguf.py
+    --mmproj reads only those tensors of the VLM directory)."""
+    path = out_dir / "mmproj-f16.gguf"
+    if not path.is_file():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        convert, env = converter(llama_src, family)
+        run_step([*convert, str(model_dir), "--mmproj", "--outfile", str(path), "--outtype", "f16"],
+                 out_dir / "convert-mmproj-f16.log", env=env)
+    return path
+
+
+def convert_gguf(text_dir: Path, out_dir: Path, llama_src: Path, family: str, threads: int) -> dict[str, Path]:
+    """GGUF F32/F16 by convert_hf_to_gguf.py (told the tiny tokenizer's pre-tokenizer), Q4_0/Q4_K_M
+    by llama_model_quantize. Returns {type: path} for those that exist."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {kind: out_dir / f"text-{kind.lower()}.gguf" for kind in GGUF_TYPES}
+    convert, env = converter(llama_src, family)
     for kind in ("F32", "F16"):
         if not paths[kind].is_file():
-            run_step([sys.executable, "-c", convert, str(text_dir), "--outfile", str(paths[kind]), "--outtype", kind.lower()],
+            run_step([*convert, str(text_dir), "--outfile", str(paths[kind]), "--outtype", kind.lower()],
                      out_dir / f"convert-{kind.lower()}.log", env=env)
     for kind, ftype in GGUF_TYPES.items():
         if ftype is not None and not paths[kind].is_file():
@@ -592,6 +782,18 @@ def bundle_decoder_bytes(bundle: Path) -> int:
     return sum((bundle / name).stat().st_size for name in [graph["file"], *graph.get("data_files", [])])
 
 
+def llamacpp_mtmd_spec(model_dir: Path, gguf_dir: Path, args: argparse.Namespace, family: str, bundle: Path) -> dict:
+    """What the llama.cpp worker needs for its multimodal TTFT (the mmproj, edgetune's prompt, image
+    and question), or {} when the family has no mtmd path here or no type asks for it."""
+    if family not in MTMD_FAMILIES or "none" in args.llamacpp_ttft:
+        return {}
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    return {"mmproj": str(convert_mmproj(model_dir, gguf_dir, args.llama_src, family)), "mtmd_null": MTMD_FAMILIES[family],
+            "single_turn": manifest["prompt"]["single_turn"], "image_placeholder": manifest["prompt"]["image_placeholder"],
+            "tokenizer": str(bundle / manifest["tokenizer"]["file"]), "image_size": args.image_size,
+            "question_tokens": args.question_tokens, "repeats": args.repeats}
+
+
 def measure_model(name: str, args: argparse.Namespace, given: dict[str, Path], bandwidth: float) -> dict:
     work = args.work / name
     work.mkdir(parents=True, exist_ok=True)
@@ -605,7 +807,7 @@ def measure_model(name: str, args: argparse.Namespace, given: dict[str, Path], b
 
     # edgetune: every precision, from the tree under test and (optionally) the baseline tree
     trees = [("edgetune", args.edgetune_src)] + ([("edgetune baseline", args.baseline_src)] if args.baseline_src else [])
-    prompt_tokens = None
+    prompt_tokens = image_tokens = None
     bundles = {}
     if "edgetune" in args.engines or "llamacpp" in args.engines or "genai" in args.engines or "torch" in args.engines:
         for precision in args.precisions:
@@ -621,11 +823,13 @@ def measure_model(name: str, args: argparse.Namespace, given: dict[str, Path], b
             rows.append({"engine": label, "precision": precision, "vision_precision": vision, "weights_read": weights,
                          "kv_itemsize": 4, **result})
             prompt_tokens = prompt_tokens or result.get("prompt_tokens")
+            image_tokens = image_tokens or result.get("image_tokens")
     if prompt_tokens is None:  # edgetune not run or failed: ask a bundle for its prompt length
         result = run_worker("edgetune", {**common, "bundle": str(bundles[args.precisions[-1]]), "image_size": args.image_size,
                                          "question_tokens": args.question_tokens, "repeats": 1, "decode_tokens": 1},
                             threads=args.threads)
         prompt_tokens = result.get("prompt_tokens", 1024)
+        image_tokens = result.get("image_tokens")
     peer = {**common, "prompt_tokens": prompt_tokens, "token_low": 10, "token_high": 400,
             "avoid": [vlm_config.get("image_token_id", -1), vlm_config.get("image_token_index", -1),
                       vlm_config.get("vision_start_token_id", -1), vlm_config.get("vision_end_token_id", -1)]}
@@ -633,10 +837,19 @@ def measure_model(name: str, args: argparse.Namespace, given: dict[str, Path], b
     if "llamacpp" in args.engines:
         try:
             ggufs = convert_gguf(text_dir, work / "gguf", args.llama_src, family, args.threads)
+            try:
+                mtmd = llamacpp_mtmd_spec(model_dir, work / "gguf", args, family, bundles[args.precisions[-1]])
+            except Exception as err:  # noqa: BLE001 (the text rows still run; the note says why TTFT is missing)
+                mtmd = {"ttft_error": f"mmproj: {str(err).splitlines()[0]}"}
             for kind, path in ggufs.items():
                 log(f"{name}: llama.cpp {kind}")
-                result = run_worker("llamacpp", {**peer, "gguf": str(path), "llama_src": str(args.llama_src)}, threads=args.threads)
-                rows.append({"engine": "llama.cpp", "precision": kind, "kv_itemsize": 2, **result})
+                spec = {**peer, "gguf": str(path), "llama_src": str(args.llama_src)}
+                wants_ttft = kind in args.llamacpp_ttft or "all" in args.llamacpp_ttft
+                result = run_worker("llamacpp", {**spec, **mtmd} if wants_ttft else spec, threads=args.threads)
+                if wants_ttft and "ttft_error" in mtmd:
+                    result["ttft_error"] = mtmd["ttft_error"]
+                rows.append({"engine": "llama.cpp", "precision": kind, "kv_itemsize": 2, "edgetune_image_tokens": image_tokens,
+                             **result})
         except Exception as err:  # noqa: BLE001 (a missing build or converter: say so in the table)
             rows.append({"engine": "llama.cpp", "precision": "-", "error": str(err).splitlines()[0]})
     if "genai" in args.engines:
@@ -690,6 +903,8 @@ def table(report: dict, bandwidth: float) -> str:
             note = "prefill = forward - vision"
         if row["engine"].startswith("edgetune") and row.get("edgetune_file"):
             note = (note + "; " if note else "") + f"vision {row.get('vision_precision')}; src {Path(row['edgetune_file']).parent.parent}"
+        if row["engine"] == "llama.cpp":
+            note = llamacpp_note(row, note)
         lines.append(
             f"| {row['engine']} | {row['precision']} | {fmt(row.get('bytes_per_token') and row['bytes_per_token'] / MB, '.0f')} | "
             f"{fmt(row.get('prefill_tok_s'), '.0f')} | {fmt(row.get('decode_tok_s'))} | "
@@ -698,6 +913,19 @@ def table(report: dict, bandwidth: float) -> str:
             f"{fmt(row.get('vision_s'), '.2f')} | {fmt(row.get('prefill_s'), '.2f')} | "
             f"{fmt(row.get('peak_rss') and row['peak_rss'] / GB, '.2f')} | {fmt(row.get('load1_before'))} | {note} |")
     return "\n".join(lines)
+
+
+def llamacpp_note(row: dict, note: str) -> str:
+    """A llama.cpp row's note: where its TTFT and prefill come from, and its frames and image tokens
+    beside edgetune's."""
+    parts = [note] if note else []
+    if "ttft_s" in row:
+        parts.append(f"TTFT, prefill: mtmd, mmproj F16, {row['frames']} frames, {row['image_tokens']} image tokens "
+                     f"(edgetune {row.get('edgetune_image_tokens')}), {row['mtmd_prompt_tokens']} prompt tokens; "
+                     f"text-only prefill {row['text_prefill_tok_s']:.0f} tok/s")
+    elif row.get("ttft_error"):
+        parts.append(f"TTFT failed: {row['ttft_error']}")
+    return "; ".join(parts)
 
 
 def pick(rows: list[dict], engine: str, precision: str, key: str) -> float:
@@ -715,6 +943,7 @@ def result_line(report: dict) -> str:
         "ortgenai_int4_tok_s": pick(rows, "ort-genai", "int4", "decode_tok_s"),
         "roofline_tok_s": pick(rows, "edgetune", "int4", "roofline_tok_s"),
         "ttft_s": pick(rows, "edgetune", "int4", "ttft_s"),
+        "llamacpp_ttft_s": pick(rows, "llama.cpp", "Q4_0", "ttft_s"),
     }
     return f"RESULT model={report['model']} " + " ".join(f"{k}=nan" if math.isnan(v) else f"{k}={v:.2f}" for k, v in values.items())
 
@@ -758,6 +987,9 @@ def main() -> None:
     parser.add_argument("--llama-src", type=Path, default=None,
                         help="unpacked llama-cpp-python sdist (vendor/llama.cpp has convert_hf_to_gguf.py); "
                              "default: `pip download --no-binary :all: llama-cpp-python==<installed>` into --work")
+    parser.add_argument("--llamacpp-ttft", default="Q4_0",
+                        help=f"GGUF types whose llama.cpp row also measures the multimodal TTFT: comma-separated from "
+                             f"{', '.join(GGUF_TYPES)}, or all, or none (each costs 1 + --repeats image encodes)")
     parser.add_argument("--genai-python", default=None, help="python of a virtualenv with onnxruntime-genai (see the docstring)")
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--question-tokens", type=int, default=16)
@@ -776,6 +1008,10 @@ def main() -> None:
         parser.error(f"unknown model {unknown[0]}; pick from {', '.join(MODELS)}")
     args.engines = [e for e in args.engines.split(",") if e]
     args.precisions = [p for p in args.precisions.split(",") if p]
+    args.llamacpp_ttft = [t for t in args.llamacpp_ttft.split(",") if t]
+    unknown = [t for t in args.llamacpp_ttft if t not in (*GGUF_TYPES, "all", "none")]
+    if unknown:
+        parser.error(f"unknown --llamacpp-ttft type {unknown[0]}; pick from {', '.join(GGUF_TYPES)}, all, none")
     args.work = args.work.resolve()
     args.edgetune_src = args.edgetune_src.resolve() if args.edgetune_src else None
     args.baseline_src = args.baseline_src.resolve() if args.baseline_src else None
