@@ -49,22 +49,17 @@ ATTENTION_FUSIONS = {"sdpa", "gqa", "packed_qkv_for_gqa", "mha1", "mha2", "mha_s
 
 
 def fuse_decoder(decoder_path: Path, traced_path: Path) -> dict[str, int]:
-    """Rewrite ``decoder_path`` (and its external data) with onnxruntime's fused operators, moving the
-    traced graph to ``traced_path`` (its data to ``traced_path.data``; restore with ``restore_traced``).
-    Returns the rewriter's count per fusion applied; empty when nothing matched (nothing is moved)."""
-    import onnx_ir as ir
-    from onnxscript.rewriter.ort_fusions import optimize_for_ort
-
-    logging.getLogger("onnxscript").setLevel(logging.ERROR)
-    model = ir.load(str(decoder_path))
-    model, counts = optimize_for_ort(model)
-    counts["packed_qkv"] = pack_qkv(model)
-    applied = {name: count for name, count in counts.items() if count}
+    """Rewrite ``decoder_path`` (and its external data) with onnxruntime's fused operators and packed
+    QKV, moving the traced graph to ``traced_path`` (its data to ``traced_path.data``; restore with
+    ``restore_traced``). Returns the count per fusion applied; empty when nothing matched (nothing is
+    moved)."""
+    model, applied = rewrite_for_ort(decoder_path)
+    packed = pack_qkv(model)
+    if packed:
+        applied["packed_qkv"] = packed
     if not applied:
         return {}
-    # The rewritten graph reads its weights from the traced data file until saved: write beside it.
-    scratch = decoder_path.with_name(f".{decoder_path.name}.fused")
-    ir.save(model, str(scratch), external_data=f"{scratch.name}.data")
+    scratch = save_beside(model, decoder_path)
     del model
     move_graph(decoder_path, traced_path, rename_data=False)
     move_graph(scratch, decoder_path)
@@ -74,24 +69,38 @@ def fuse_decoder(decoder_path: Path, traced_path: Path) -> dict[str, int]:
 def fuse_vision(vision_path: Path) -> dict[str, int]:
     """Rewrite the quantized ``vision_path`` (and its data file) with onnxruntime's fused operators;
     returns the count per fusion applied (empty, and the graph untouched, when none matched)."""
-    import onnx_ir as ir
-    from onnxscript.rewriter.ort_fusions import optimize_for_ort
-
-    logging.getLogger("onnxscript").setLevel(logging.ERROR)
-    model, counts = optimize_for_ort(ir.load(str(vision_path)))
-    applied = {name: count for name, count in counts.items() if count}
+    model, applied = rewrite_for_ort(vision_path)
     if applied:
-        scratch = vision_path.with_name(f".{vision_path.name}.fused")
-        ir.save(model, str(scratch), external_data=f"{scratch.name}.data")
+        scratch = save_beside(model, vision_path)
         del model
         move_graph(scratch, vision_path)
     return applied
 
 
+def rewrite_for_ort(path: Path):
+    """(graph ``path`` as an onnx_ir model rewritten by ``optimize_for_ort``, the count per fusion
+    applied, zeros left out)."""
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    logging.getLogger("onnxscript").setLevel(logging.ERROR)
+    model, counts = optimize_for_ort(ir.load(str(path)))
+    return model, {name: count for name, count in counts.items() if count}
+
+
+def save_beside(model, path: Path) -> Path:
+    """Save ``model`` as a hidden scratch graph beside ``path`` (with its own data file) and return it:
+    the rewritten graph reads its weights from ``path``'s data file until saved."""
+    import onnx_ir as ir
+
+    scratch = path.with_name(f".{path.name}.fused")
+    ir.save(model, str(scratch), external_data=f"{scratch.name}.data")
+    return scratch
+
+
 def restore_traced(traced_path: Path, decoder_path: Path) -> None:
     """Put the traced graph that ``fuse_decoder`` moved aside back at ``decoder_path``."""
     move_graph(traced_path, decoder_path, rename_data=False)
-
 
 
 def pack_qkv(model) -> int:
