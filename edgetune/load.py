@@ -114,12 +114,58 @@ def load_backbone(
         kwargs["quantization_config"] = qconfig
     hf_model = family.model_class().from_pretrained(model.path, **kwargs)
     keep_4bit_layout_trainable(hf_model)
+    release_checkpoint_files(hf_model)
     hf_model.requires_grad_(False)
     hf_model.eval()
     processor = family.load_processor(model.path, model.trust_remote_code)
     family.configure_processor(processor, model.processor)
     family.configure_model(hf_model, model.processor)
     return Backbone(hf_model, processor, family)
+
+
+def release_checkpoint_files(model: torch.nn.Module) -> int:
+    """Copy the CPU tensors that still live in memory-mapped checkpoint files into the process's own
+    memory, so the mappings close; returns the bytes copied.
+
+    On CPU, transformers leaves every weight it does not convert (the precise vision tower, norms,
+    lm_head: 601 MB at the SmolVLM-256M shape) as a view of the mmapped safetensors shard, and the
+    whole shard stays mapped, the quantized layers' fp32 source pages included. Memory then reads
+    wrong both ways: the resident set counts shard pages training never touches again, and the
+    anonymous memory misses weights it needs. After this copy the anonymous memory is the memory the
+    model needs. Tied tensors stay tied (one copy per shared storage). A no-op off Linux and on GPU.
+    """
+    mapped = file_mapped_ranges()
+    copies: dict[tuple, torch.Tensor] = {}
+    copied = 0
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is None or tensor.device.type != "cpu" or not tensor.numel():
+                    continue
+                pointer = tensor.data_ptr()
+                if not any(start <= pointer < end for start, end in mapped):
+                    continue
+                key = (pointer, tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+                if key not in copies:
+                    copies[key] = tensor.data.clone()
+                    copied += tensor.numel() * tensor.element_size()
+                tensor.data = copies[key]
+    return copied
+
+
+def file_mapped_ranges() -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of .safetensors files (Linux /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = [line.split() for line in maps]
+    except OSError:
+        return []
+    ranges = []
+    for fields in lines:
+        if len(fields) >= 6 and fields[5].endswith(".safetensors"):
+            start, end = fields[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return ranges
 
 
 def keep_4bit_layout_trainable(model: torch.nn.Module) -> None:

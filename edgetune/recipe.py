@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -73,6 +73,12 @@ class TrainSection(Section):
     eval_every: int = Field(50, ge=0)  # 0 = only at the end
     eval_samples: int = Field(64, gt=0)
     max_new_tokens: int = Field(16, gt=0)
+    # DataLoader worker processes that decode images while the step runs; "auto": 2 on CUDA, 0 on CPU
+    # (there the step itself uses every core). Same seed -> the same batches, whatever the count.
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    # Run the frozen vision tower once per image and read its outputs from a cache on disk instead
+    # (edgetune.image_cache); needs a frozen tower and images that are not augmented.
+    cache_image_features: bool = False
 
 
 class ExportSection(Section):

@@ -62,3 +62,26 @@ def test_remote_code_models_are_refused_without_opt_in(tmp_path, tiny_llava_dir)
     (tmp_path / "m/config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="trust_remote_code"):
         load_backbone(ModelSection(path=str(tmp_path / "m")), QuantizationSection(), CPU, torch.float32)
+
+
+@pytest.mark.parametrize("family", ["llava", "paligemma"])
+def test_loaded_weights_live_in_process_memory_not_in_the_checkpoint_mapping(family, tiny_model_dir):
+    """transformers leaves the precise weights as views of the mmapped safetensors file; after
+    loading none is (so anonymous memory counts them) and tied tensors stay tied (PaliGemma)."""
+    from edgetune.load import file_mapped_ranges
+
+    backbone = load_backbone(ModelSection(path=str(tiny_model_dir(family))), QuantizationSection(), CPU, torch.float32)
+    assert not [r for r in file_mapped_ranges()], "a checkpoint file is still mapped"
+    model = backbone.model
+    plain = backbone.family.model_class().from_pretrained(str(tiny_model_dir(family)))  # transformers' own tying
+
+    def tied(m):
+        return m.lm_head.weight.data_ptr() == m.get_input_embeddings().weight.data_ptr()
+
+    assert tied(model) == tied(plain) == (family == "paligemma")
+    # the weights are intact: the logits of a fresh load match
+    ids = torch.tensor([[1, 2, 3, 4]])
+    again = load_backbone(ModelSection(path=str(tiny_model_dir(family))), QuantizationSection(), CPU, torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.language_model(input_ids=ids).last_hidden_state,
+                                   again.model.language_model(input_ids=ids).last_hidden_state)

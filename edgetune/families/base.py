@@ -118,6 +118,11 @@ class ModelFamily:
 
         return encode_sample(processor, sample, max_length)
 
+    def training_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The model's inputs for a training forward whose loss edgetune computes itself from the
+        answer tokens' logits (edgetune.train.answer_token_loss): the batch without its labels."""
+        return {k: v for k, v in batch.items() if k != "labels"}
+
     def prompt_inputs(self, processor: Any, prompts: list[str], images: list[list[Any]]) -> Any:
         """Model inputs for generating answers: one single-turn prompt per row about its images
         (PIL), rendered with the chat template, left-padded when there are several rows."""

@@ -78,6 +78,19 @@ class PaliGemmaFamily(ModelFamily):
 
     # ---- data -------------------------------------------------------------------------------
 
+    def training_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Without labels PaliGemma builds its inference mask (bidirectional over the answer too), so
+        the training mask goes in ready-made: prefix_lm_mask, as the additive [batch, 1, seq, seq] form
+        the model passes through unchanged."""
+        import torch
+
+        inputs = super().training_inputs(batch)
+        seq = batch["input_ids"].shape[1]
+        visible = prefix_lm_mask(batch["attention_mask"], batch["token_type_ids"], seq)
+        dtype = batch["pixel_values"].dtype
+        inputs["attention_mask"] = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+        return inputs
+
     def encode_sample(self, processor: Any, sample: Any, max_length: int) -> dict[str, Any]:
         """input_ids, labels on the answer + eos only, token_type_ids (0 prompt, 1 answer) and pixels.
 
