@@ -104,6 +104,30 @@ def train(
 
 @app.command()
 @user_errors
+def plan(
+    recipe: Path = typer.Argument(..., help="Recipe YAML."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key: --set train.batch_size=2 (repeatable)."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="Plan for this GPU, e.g. rtx-4090 (an unknown name lists the known ones)."),
+    vram: Optional[float] = typer.Option(None, "--vram", help="Plan for a GPU with this many GB (with --gpu: instead of its own)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (this machine); default: the recipe's, else a visible GPU, else cpu."),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON object instead of the tables."),
+) -> None:
+    """Predict peak memory by part, image tokens and time per step for RECIPE, from config files alone (no weights)."""
+    import json
+
+    from edgetune.plan import plan_recipe, print_plan
+    from edgetune.progress import console
+    from edgetune.recipe import load_recipe
+
+    result = plan_recipe(load_recipe(recipe, set_ or []), recipe.stem, gpu=gpu, vram=vram, device=device)
+    if json_:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        print_plan(result, console)
+
+
+@app.command()
+@user_errors
 def sweep(
     recipe: Path = typer.Argument(..., help="Recipe YAML; its method section is replaced per run."),
     methods: str = typer.Option("lora,adapter,llama_adapter,ia3,prefix,adalink", "--methods", help="Comma-separated methods."),
