@@ -230,6 +230,10 @@ def train(recipe: Recipe, run_dir: Path, overwrite: bool = False) -> TrainResult
             f"{backbone.family.name} | {method.name} | trainable parameters: {trainable:,} of {total:,} "
             f"({100 * trainable / total:.3f}%) | {device.type} {str(dtype).removeprefix('torch.')}"
         )
+        if recipe.train.cache_image_features:  # the frozen tower runs once per image, then leaves memory
+            from edgetune.image_cache import cache_image_features
+
+            cache_image_features(model, backbone, train_samples + eval_samples, recipe.data.max_length, device, dtype)
         with PeakMemory(device.type) as memory:
             result = _loop(recipe, model, backbone, train_samples, eval_samples, scratch, device, dtype, memory)
         method.save(model, scratch / "adapter")

@@ -10,7 +10,8 @@ The hooks, by stage (defaults fit LLaVA-style models; a family overrides what it
 
     load      load_processor, processor_knobs, configure_processor, configure_model, keep_precise
     data      encode_sample (training inputs, loss on the answer), prompt_inputs (generation inputs)
-    images    image_embeds (processor output -> the rows that replace the image tokens)
+    images    image_embeds (processor output -> the rows that replace the image tokens),
+              image_cache_call (what of the frozen tower train.cache_image_features caches)
     export    vision_graph, decoder_extra_inputs / language_model_kwargs, bundle_sections,
               position_ids and extend_inputs (how PyTorch is called in the parity check)
     runtime   the manifest's image.codec names the torch-free counterpart in edgetune.runtime.codecs
@@ -152,6 +153,16 @@ class ModelFamily:
         image-token positions, in reading order (what the bundle's runtime must reproduce)."""
         features = self.image_features(model, inputs["pixel_values"])
         return features.reshape(-1, features.shape[-1])
+
+    def image_cache_call(self, model: Any) -> Any:
+        """How ``model`` calls its frozen vision tower, for train.cache_image_features: an
+        edgetune.image_cache.ImageCacheCall naming the module the cache stands in for, how one call
+        splits into images and what of the output the model reads (the connector's input). Default:
+        ``vision_tower`` takes one row per image, crop or tile in every tensor argument and the model
+        reads its last_hidden_state (PaliGemma's SigLIP, Idefics3's vision transformer)."""
+        from edgetune.image_cache import RowwiseCall
+
+        return RowwiseCall(self.vision_tower, fields=("last_hidden_state",))
 
     # ---- export -----------------------------------------------------------------------------
 

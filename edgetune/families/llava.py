@@ -44,6 +44,16 @@ class LlavaFamily(ModelFamily):
             selected = [states[:, 1:] for states in selected]  # drop CLIP's CLS token
         return get_module(model, self.connector)(torch.cat(selected, dim=-1))
 
+    def image_cache_call(self, model: Any) -> Any:
+        """The model reads only the hidden states of config.vision_feature_layer (one layer or a list)
+        from the tower's output_hidden_states=True call: those are cached, not every layer's."""
+        from edgetune.image_cache import RowwiseCall
+
+        layers = model.config.vision_feature_layer
+        count = model.config.vision_config.num_hidden_layers + 1  # the embeddings, then every layer
+        chosen = sorted({i % count for i in ([layers] if isinstance(layers, int) else layers)})
+        return RowwiseCall(self.vision_tower, fields=tuple(f"hidden_states.{i}" for i in chosen), hidden_states_count=count)
+
     def bundle_sections(self, model: Any, processor: Any, model_dir: Path) -> tuple[dict, dict]:
         """CLIP preprocessing (shortest-edge resize, center crop, fixed size); one "<image>"
         placeholder expanded to one image token per image embedding (runtime codec "clip")."""

@@ -138,6 +138,13 @@ class Qwen2VLFamily(ModelFamily):
 
         return torch.cat(model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]))
 
+    def image_cache_call(self, model: Any) -> Any:
+        """The tower ends in the connector (visual.merger): the cache holds the merger's input and
+        stands in for the whole of ``visual``, keeping the merger, which still runs and trains."""
+        from edgetune.image_cache import MergerInputCall
+
+        return MergerInputCall(self.vision_tower, merger=self.connector.removeprefix(self.vision_tower + "."), windowed=self.windowed)
+
     def position_ids(self, model: Any, inputs: Any) -> Any:
         return None  # the model's own get_rope_index, as generate uses it
 
