@@ -3,6 +3,9 @@ the vision tower, connector, embeddings, norms and lm_head kept in the compute d
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +107,8 @@ def load_backbone(
 ) -> Backbone:
     """The frozen model with every parameter's requires_grad off, in eval mode."""
     family, _ = detect_family(model)
+    if device.type == "cpu":
+        return_freed_memory_promptly()
     kwargs: dict[str, Any] = dict(
         dtype=compute_dtype,
         device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"},
@@ -121,6 +126,27 @@ def load_backbone(
     family.configure_processor(processor, model.processor)
     family.configure_model(hf_model, model.processor)
     return Backbone(hf_model, processor, family)
+
+
+def return_freed_memory_promptly(threshold: int = 1 << 20) -> bool:
+    """glibc only: serve every allocation of ``threshold`` bytes (1 MiB) or more with its own mmap,
+    which goes back to the system when the tensor is freed; returns whether it was set.
+
+    glibc's default threshold is dynamic: once a large block is freed it rises (up to 32 MiB), and
+    from then on tensors come from its heap, where freed blocks stay resident. A training step then
+    holds the vision tower's freed activations while the decoder's are made: measured at the
+    SmolVLM-256M shape (1,024 tokens, fp32 on CPU), one step's anonymous memory peaked at 3.2 GB
+    with the default and 1.7 GB with this, at the same speed. MALLOC_MMAP_THRESHOLD_ in the
+    environment, set by the user, wins. A no-op elsewhere (macOS, musl, Windows).
+    """
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_mmap_threshold = -3  # malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, threshold))
 
 
 def release_checkpoint_files(model: torch.nn.Module) -> int:

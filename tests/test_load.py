@@ -85,3 +85,25 @@ def test_loaded_weights_live_in_process_memory_not_in_the_checkpoint_mapping(fam
     with torch.no_grad():
         torch.testing.assert_close(model.language_model(input_ids=ids).last_hidden_state,
                                    again.model.language_model(input_ids=ids).last_hidden_state)
+
+
+def test_freed_tensors_go_back_to_the_system_on_cpu():
+    """With glibc's default, once a large block has been freed, 2 MiB tensors come from its heap and
+    stay resident after they are freed (here: while a later tensor pins the top of the heap); with
+    return_freed_memory_promptly they are mmapped and returned."""
+    import sys
+
+    from edgetune.load import return_freed_memory_promptly
+    from edgetune.progress import current_anon_bytes
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    assert return_freed_memory_promptly()
+    torch.empty(16 * 2**20, dtype=torch.uint8).fill_(1)  # freed at once: would raise the dynamic threshold
+    before = current_anon_bytes()
+    chunks = [torch.empty(2 * 2**20, dtype=torch.uint8).fill_(1) for _ in range(64)]
+    pin = torch.empty(2 * 2**20, dtype=torch.uint8).fill_(1)
+    assert current_anon_bytes() - before > 100 * 2**20
+    del chunks
+    assert current_anon_bytes() - before < 32 * 2**20
+    del pin
