@@ -516,6 +516,7 @@ def encoded_sample(family: ModelFamily, processor: Any, sample: Any, scratch: Pa
     from PIL import Image
 
     from edgetune.data import Sample
+    from edgetune.train import answer_mask
 
     blanks = []
     for size in image_sizes(sample):
@@ -530,7 +531,7 @@ def encoded_sample(family: ModelFamily, processor: Any, sample: Any, scratch: Pa
     else:  # [..., 3, H, W]: one tower sequence per crop or tile
         frames = pixels.numel() // math.prod(pixels.shape[-3:])
         patches = [(pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)] * frames
-    return SampleShape(len(ids), int((encoded["labels"][1:] != -100).sum()), int((ids == image_token).sum()), patches)
+    return SampleShape(len(ids), int(answer_mask(encoded["labels"]).sum()), int((ids == image_token).sum()), patches)
 
 
 def image_sizes(sample: Any) -> list[tuple[int, int]]:

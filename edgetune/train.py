@@ -157,7 +157,7 @@ def answer_token_loss(model: Any, family: Any, batch: dict[str, Any]) -> tuple[t
     """
     labels = batch["labels"]
     targets = labels[:, 1:]
-    keep = targets != -100
+    keep = answer_mask(labels)
 
     def answer_positions_only(module: torch.nn.Module, args: tuple) -> tuple:
         hidden = args[0]
@@ -174,9 +174,14 @@ def answer_token_loss(model: Any, family: Any, batch: dict[str, Any]) -> tuple[t
     return loss_sum, int(keep.sum())
 
 
+def answer_mask(labels: torch.Tensor) -> torch.Tensor:
+    """labels [..., seq] -> bool [..., seq - 1]: True where position t predicts a label (labels[t + 1])."""
+    return labels[..., 1:] != -100
+
+
 def answer_tokens(batch: dict[str, Any]) -> int:
     """The tokens ``batch`` is trained on: labels that a previous position predicts."""
-    return int((batch["labels"][:, 1:] != -100).sum())
+    return int(answer_mask(batch["labels"]).sum())
 
 
 def accumulate_gradients(model: Any, family: Any, micro_batches: list[dict[str, Any]], device, dtype) -> float:
