@@ -231,8 +231,11 @@ def copy_processor_files(tiny_dir: Path, out_dir: Path, changes: dict[str, dict]
         target.write_text(json.dumps(deep_merge(data, settings), indent=2, sort_keys=True) + "\n")
 
 
-def build_from_spec(spec: dict, out_dir: Path, dtype: str = "float32", max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
-    """Write the model directory ``out_dir`` for ``spec`` (a configs/*.json document); returns a summary."""
+def build_from_spec(spec: dict, out_dir: Path, dtype: str = "float32", max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                    config_only: bool = False) -> dict:
+    """Write the model directory ``out_dir`` for ``spec`` (a configs/*.json document); returns a summary.
+    ``config_only``: config, tokenizer and processor files without weights, what ``edgetune plan``
+    reads (as from the hub before a download)."""
     from edgetune.families import FAMILIES
 
     out_dir = Path(out_dir)
@@ -249,7 +252,10 @@ def build_from_spec(spec: dict, out_dir: Path, dtype: str = "float32", max_shard
     config.dtype = DTYPES[dtype]
     model = meta_model(family, config)
     parameters = count_parameters(model)
-    written = write_weights(model, out_dir, DTYPES[dtype], max_shard_bytes)
+    if config_only:
+        written = {"files": [], "total_bytes": 0}
+    else:
+        written = write_weights(model, out_dir, DTYPES[dtype], max_shard_bytes)
     model.config.save_pretrained(out_dir)
     return {
         "checkpoint": spec.get("checkpoint"),
@@ -266,9 +272,10 @@ def build_from_spec(spec: dict, out_dir: Path, dtype: str = "float32", max_shard
     }
 
 
-def build(name: str, out_dir: Path, dtype: str = "float32", max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+def build(name: str, out_dir: Path, dtype: str = "float32", max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+          config_only: bool = False) -> dict:
     """Build the real-shape model ``name`` (a file stem in benchmarks/configs/) into ``out_dir``."""
-    return build_from_spec(load_spec(name), out_dir, dtype, max_shard_bytes)
+    return build_from_spec(load_spec(name), out_dir, dtype, max_shard_bytes, config_only)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -278,8 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="weights on disk (default float32; the configs name each checkpoint's published dtype)")
     parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 1024**3)
+    parser.add_argument("--config-only", action="store_true", help="config, tokenizer and processor files, no weights (for edgetune plan)")
     args = parser.parse_args(argv)
-    summary = build(args.name, args.out, args.dtype, int(args.max_shard_gb * 1024**3))
+    summary = build(args.name, args.out, args.dtype, int(args.max_shard_gb * 1024**3), args.config_only)
     gib = 1024**3
     print(
         f"{args.name}: {summary['parameters'] / 1e6:.1f}M parameters (published {summary['published_parameters'] / 1e6:.1f}M), "

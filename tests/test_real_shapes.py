@@ -106,3 +106,18 @@ def test_processor_gets_the_checkpoint_settings(tmp_path):
     real_shapes.build_from_spec(shape, tmp_path)
     image_processor = FAMILIES["qwen2_vl"].load_processor(str(tmp_path)).image_processor
     assert (image_processor.min_pixels, image_processor.max_pixels, image_processor.patch_size) == (3136, 12845056, 14)
+
+
+def test_config_only_writes_what_plan_reads_and_no_weights(tmp_path):
+    """--config-only: the real config, tokenizer and processor files, no weights; edgetune plan's
+    meta-device build from it counts the published parameters."""
+    from transformers import AutoConfig
+
+    from edgetune.families import FAMILIES
+
+    summary = real_shapes.build("qwen2-vl-2b", tmp_path, config_only=True)
+    assert summary["files"] == [] and not list(tmp_path.glob("*.safetensors"))
+    config = AutoConfig.from_pretrained(tmp_path)
+    count = real_shapes.count_parameters(real_shapes.meta_model(FAMILIES["qwen2_vl"], config))
+    assert count == summary["parameters"] and abs(count / summary["published_parameters"] - 1) < 0.01
+    assert FAMILIES["qwen2_vl"].load_processor(str(tmp_path)).image_processor.max_pixels == 12845056
