@@ -109,8 +109,8 @@ def test_processor_gets_the_checkpoint_settings(tmp_path):
 
 
 def test_config_only_writes_what_plan_reads_and_no_weights(tmp_path):
-    """--config-only: the real config, tokenizer and processor files, no weights; edgetune plan's
-    meta-device build from it counts the published parameters."""
+    """--config-only: the real config, tokenizer and processor files, no weights; the saved config,
+    read back and built on the meta device (as edgetune plan does), counts the published parameters."""
     from transformers import AutoConfig
 
     from edgetune.families import FAMILIES
