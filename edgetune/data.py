@@ -114,8 +114,11 @@ def _check_image(path: Path, where: str) -> Path:
 
 
 def open_image(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    """The image at ``path`` as 8-bit RGB, by edgetune.runtime.preprocess.open_image's rule (EXIF
+    orientation, 16-bit grey scaled, transparency on white): what the runtime reads on device."""
+    from edgetune.runtime.preprocess import open_image as read_rgb
+
+    return read_rgb(path)
 
 
 def prompt_text(processor: Any, sample: Sample, upto: int = 1) -> str:
@@ -139,7 +142,8 @@ def encode_sample(processor: Any, sample: Sample, max_length: int) -> dict[str, 
         pieces += [(prompt[len(rendered):], False), (full[len(prompt):], True)]
         rendered = full
     images = [open_image(p) for p in sample.images]
-    first = processor(text=[pieces[0][0]], images=images or None, return_tensors="pt")
+    # channels_last: a 1- or 3-pixel-high image would otherwise be read as channels-first.
+    first = processor(text=[pieces[0][0]], images=images or None, input_data_format="channels_last", return_tensors="pt")
     ids = [first["input_ids"][0]]
     labels = [torch.full_like(ids[0], -100)]
     tokenizer = getattr(processor, "tokenizer", processor)

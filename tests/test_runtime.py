@@ -22,6 +22,7 @@ from edgetune.export.parity import parity_image
 from edgetune.families import FAMILIES
 from edgetune.runtime import OnnxVLM, load_manifest
 from edgetune.runtime.generate import stream_text
+from edgetune.runtime.preprocess import open_image
 from tests.conftest import TORCH_BLOCKER
 
 MAX_NEW = 12
@@ -98,7 +99,8 @@ def test_preprocessing_equals_hf_processor(vlm, hf):
         Image.fromarray(rng.integers(0, 256, (50, 50), dtype=np.uint8)),  # grayscale "L"
     ]
     for image in images:
-        expected = processor.image_processor(image, return_tensors="np")["pixel_values"]
+        rgb = open_image(image)  # what training and evaluation hand the processor (RGBA composited on white)
+        expected = processor.image_processor(rgb, input_data_format="channels_last", return_tensors="np")["pixel_values"]
         got = vlm.encode_image(image).feeds["pixel_values"]
         assert got.shape == expected.shape == (1, 3, 32, 32)
         assert np.abs(got - expected).max() <= 1e-5

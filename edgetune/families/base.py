@@ -126,7 +126,9 @@ class ModelFamily:
 
     def prompt_inputs(self, processor: Any, prompts: list[str], images: list[list[Any]]) -> Any:
         """Model inputs for generating answers: one single-turn prompt per row about its images
-        (PIL), rendered with the chat template, left-padded when there are several rows."""
+        (PIL, 8-bit RGB from edgetune.runtime.preprocess.open_image), rendered with the chat template,
+        left-padded when there are several rows. The images' layout is stated (channels_last, as PIL
+        gives them): a 1- or 3-pixel-high image would otherwise be read as channels-first."""
         texts = [
             processor.apply_chat_template(
                 [{"role": "user", "content": [{"type": "image"}] * len(row) + [{"type": "text", "text": prompt}]}],
@@ -135,7 +137,8 @@ class ModelFamily:
             for prompt, row in zip(prompts, images)
         ]
         flat = [image for row in images for image in row]
-        return processor(text=texts, images=flat, padding=True, padding_side="left", return_tensors="pt")
+        return processor(text=texts, images=flat, padding=True, padding_side="left",
+                         input_data_format="channels_last", return_tensors="pt")
 
     # ---- images -----------------------------------------------------------------------------
 

@@ -235,7 +235,8 @@ class SmolVLMFamily(Idefics3Family):
             )
             for prompt, row in zip(prompts, images)
         ]
-        return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+        return processor(text=texts, images=images, padding=True, padding_side="left",
+                         input_data_format="channels_last", return_tensors="pt")
 
 
 def import_smolvlm_processing() -> None:

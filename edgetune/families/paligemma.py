@@ -106,7 +106,8 @@ class PaliGemmaFamily(ModelFamily):
             )
         images = [open_image(p) for p in sample.images]
         inputs = processor(
-            text=[prompt_text(sample.question, len(images))], images=images, suffix=[sample.answer], return_tensors="pt"
+            text=[prompt_text(sample.question, len(images))], images=images, suffix=[sample.answer],
+            input_data_format="channels_last", return_tensors="pt",
         )
         if inputs["input_ids"].shape[1] > max_length:
             raise UserError(
@@ -123,7 +124,8 @@ class PaliGemmaFamily(ModelFamily):
     def prompt_inputs(self, processor: Any, prompts: list[str], images: list[list[Any]]) -> Any:
         texts = [prompt_text(prompt, len(row)) for prompt, row in zip(prompts, images)]
         flat = [image for row in images for image in row]
-        return processor(text=texts, images=flat, padding=True, padding_side="left", return_tensors="pt")
+        return processor(text=texts, images=flat, padding=True, padding_side="left",
+                         input_data_format="channels_last", return_tensors="pt")
 
     # ---- images -----------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edgetune.errors import UserError
 
@@ -28,15 +28,54 @@ RESAMPLE = {
 
 
 def open_image(image: Path | str | Image.Image) -> Image.Image:
-    """A PIL image from a path or an image; an unreadable path is a UserError naming it."""
+    """A path or a PIL image -> the 8-bit RGB PIL image that every edgetune stage reads.
+
+    Training, PyTorch evaluation, the export's parity check and the device runtime all read images
+    through this function, and hand the HF processors its RGB output, so that no stage sees an image
+    differently. The rule, in order:
+
+    1. EXIF orientation is applied (``ImageOps.exif_transpose``): a photo stored sideways with
+       orientation 6 comes out upright, its width and height swapped. Multi-frame files give their
+       first frame.
+    2. 16-bit and 32-bit grey (``I;16``, ``I;16L``, ``I;16B``, ``I;16N``, ``I``) is scaled to 8 bit
+       by dropping the low byte, ``value >> 8`` (``I`` clipped to 0..65535 first: 16-bit PNGs
+       open as ``I`` in older Pillow), then made grey RGB. PIL's own ``convert("RGB")`` would
+       clip every value above 255 to white. Float grey (``F``) is taken as 0..255, truncated and
+       clipped (PIL's ``convert("L")``).
+    3. Transparency is composited onto white (255, 255, 255): modes with alpha (``RGBA``, ``LA``,
+       ``PA``, ``RGBa``, ``La``) and palette or RGB/L images with a ``transparency`` key. A fully
+       transparent pixel becomes white, as it looks on a white page; dropping alpha instead would
+       show whatever colour the transparent pixels happen to store.
+    4. Every other mode goes through PIL's ``convert("RGB")``: ``P`` through its palette, ``1`` as
+       0/255, ``L`` as grey, ``CMYK`` and ``YCbCr`` with PIL's conversion.
+
+    An unreadable path is a UserError naming it; a PIL image is never modified in place.
+    """
     if isinstance(image, Image.Image):
-        return image
+        return _to_rgb(ImageOps.exif_transpose(image))
     try:
         with Image.open(image) as opened:
             opened.load()
-            return opened.copy()
+            return _to_rgb(ImageOps.exif_transpose(opened))
     except (OSError, UnidentifiedImageError) as err:
         raise UserError(f"{image}: cannot read this image ({err}); pass a PNG/JPEG file") from None
+
+
+BACKGROUND = (255, 255, 255)  # what transparent pixels are composited onto (open_image, rule 3)
+ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """open_image's rules 2-4 (see there) on an already upright image."""
+    if image.mode.startswith("I"):  # I;16, I;16L, I;16B, I;16N, I
+        grey = np.clip(np.asarray(image).astype(np.int64), 0, 65535) >> 8
+        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        return image.convert("L").convert("RGB")
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")  # premultiplied RGBa/La are unpremultiplied here
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def pixel_values(image: Image.Image, params: dict) -> np.ndarray:

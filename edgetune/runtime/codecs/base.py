@@ -28,6 +28,8 @@ class Codec:
         self.image = manifest["image"]
 
     def encode(self, image: Image.Image) -> EncodedImage:
+        """One image, 8-bit RGB as edgetune.runtime.preprocess.open_image returns it (OnnxVLM.encode_image
+        reads every image through it), -> the vision graph's feeds and its token count."""
         raise NotImplementedError
 
     def image_text(self, encoded: EncodedImage) -> str:

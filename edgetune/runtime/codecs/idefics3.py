@@ -5,7 +5,7 @@ numpy, step by step: resize the longest edge to ``longest_edge`` (the short side
 even, both capped at 4096), resize again so both sides are multiples of ``tile_size``, cut that
 grid into tiles row by row and append the whole grid resized to one tile; then rescale and
 normalise each frame as CLIPImageProcessor does. Without splitting the image is resized straight
-to one tile. Images are converted to RGB first, as edgetune's training data is. The export parity
+to one tile. Images arrive as preprocess.open_image's 8-bit RGB, as in training. The export parity
 check compares the result with the HF processor; the family's tests check it to 1e-6.
 """
 
