@@ -236,6 +236,33 @@ def eval_(
     typer.echo(f"accuracy {report.accuracy:.3f} ({report.correct}/{report.total}) -> {target}")
 
 
+data_app = typer.Typer(help="Check training data before training.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+@user_errors
+def data_check(
+    data: Optional[List[Path]] = typer.Argument(None, help="LLaVA-format JSON files (default: the recipe's data.train and data.eval)."),
+    recipe: Path = typer.Option(..., "--recipe", help="Recipe YAML: its model's processor, model.processor and data.max_length."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key: --set data.max_length=512 (repeatable)."),
+) -> None:
+    """List every problem of DATA for RECIPE's model (no weights load) with statistics; exit 2 if there are any."""
+    from edgetune.data_check import inspect_data, inspect_files, print_report
+    from edgetune.progress import console
+    from edgetune.recipe import load_recipe
+
+    parsed = load_recipe(recipe, set_ or [])
+    report = inspect_files(parsed, list(data)) if data else inspect_data(parsed)
+    print_report(report, console)
+    for warning in report.warnings:
+        typer.secho(f"warning: {warning}", fg="yellow", err=True)
+    for problem in report.problems:
+        typer.secho(f"error: {problem}", fg="red", err=True)
+    if report.problems:
+        raise typer.Exit(2)
+
+
 @app.command("tiny-model")
 @user_errors
 def tiny_model(

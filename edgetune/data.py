@@ -7,7 +7,9 @@ JSON file (or a list of paths, one per ``<image>``). Every entry is checked when
 Encoding renders the family's own chat template turn by turn and tokenizes each piece on its
 own: the prompt pieces exactly as they will be tokenized at inference time (conversation so far +
 generation prompt), the assistant pieces as the labels. The family's processor expands image
-placeholders and produces the pixel tensors.
+placeholders and produces the pixel tensors. A sample longer than ``data.max_length`` is cut
+there (``cut_to_max_length``); one whose answers would all be cut is an error.
+``edgetune.data_check`` reports all of these, entry by entry, before training.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import ExifTags, Image
 
 from edgetune.errors import UserError
 
@@ -52,7 +54,18 @@ class Sample:
 
 
 def load_samples(path: Path) -> list[Sample]:
-    """Read and validate a LLaVA-format JSON file; any bad entry is a UserError naming it."""
+    """Read and validate a LLaVA-format JSON file; the first bad entry is a UserError naming it."""
+    entries, problems, _ = read_entries(path)
+    if problems:
+        more = f" (and {len(problems) - 1} more; run `edgetune data check {path} --recipe RECIPE` for all)" if len(problems) > 1 else ""
+        raise UserError(problems[0] + more)
+    return [sample for _, sample in entries]
+
+
+def read_entries(path: Path) -> tuple[list[tuple[int, Sample]], list[str], int]:
+    """(entry index, Sample) for every valid entry of a LLaVA-format JSON file, one line per invalid
+    entry or repeated id naming the file, the entry's index and id, and the fix, and the number of
+    entries. A file that is not a JSON list at all is a UserError."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
@@ -62,7 +75,19 @@ def load_samples(path: Path) -> list[Sample]:
         raise UserError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(raw, list) or not raw:
         raise UserError(f"{path}: expected a non-empty JSON list of LLaVA-format entries")
-    return [_parse_entry(entry, i, path) for i, entry in enumerate(raw)]
+    entries, problems, first_of_id = [], [], {}
+    for i, entry in enumerate(raw):
+        try:
+            entries.append((i, _parse_entry(entry, i, path)))
+        except UserError as err:
+            problems.append(str(err))
+        if isinstance(entry, dict) and isinstance(entry.get("id"), (str, int)):
+            if entry["id"] in first_of_id:
+                problems.append(
+                    f"{path}: entry {i} (id {entry['id']}): entry {first_of_id[entry['id']]} has the same id; give every entry its own id"
+                )
+            first_of_id.setdefault(entry["id"], i)
+    return entries, problems, len(raw)
 
 
 def _parse_entry(entry: Any, index: int, path: Path) -> Sample:
@@ -85,9 +110,15 @@ def _parse_entry(entry: Any, index: int, path: Path) -> Sample:
         if role is None or not isinstance(turn.get("value"), str):
             raise UserError(f"{where}: conversations[{j}] needs 'from' (human|gpt) and a string 'value'")
         expected = "user" if j % 2 == 0 else "assistant"
+        if j == 0 and role != expected:
+            raise UserError(f"{where}: conversations[0] is from '{turn['from']}'; the first turn must be the human's question")
         if role != expected:
             raise UserError(f"{where}: conversations[{j}] is from '{turn['from']}', expected turns to alternate human, gpt, ...")
         text = turn["value"]
+        if role == "assistant" and not text.strip():
+            raise UserError(f"{where}: conversations[{j}] is an empty answer; write the answer or drop the turn")
+        if role == "assistant" and IMAGE_PLACEHOLDER in text:
+            raise UserError(f"{where}: conversations[{j}] (an answer) contains '<image>'; images go in the first human turn")
         placeholders += text.count(IMAGE_PLACEHOLDER)
         if role == "user":
             text = text.replace(IMAGE_PLACEHOLDER, "").strip()
@@ -111,6 +142,18 @@ def _check_image(path: Path, where: str) -> Path:
     except Exception as err:  # PIL raises many types for corrupt files
         raise UserError(f"{where}: image {path} cannot be read ({type(err).__name__}); replace or remove it") from None
     return path.resolve()
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of the image at ``path`` as open_image delivers it, from the file's header:
+    EXIF orientations 5-8 (a quarter turn) swap them. PNG keeps its eXIf chunk before the pixels, so
+    a PNG without one in its header is read as upright rather than decoded to look further."""
+    with Image.open(path) as image:
+        width, height = image.size
+        if image.format == "PNG" and "exif" not in image.info:
+            return width, height
+        turned = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+    return (height, width) if turned else (width, height)
 
 
 def open_image(path: Path) -> Image.Image:
@@ -152,13 +195,29 @@ def encode_sample(processor: Any, sample: Sample, max_length: int) -> dict[str, 
         ids.append(piece)
         labels.append(piece.clone() if is_assistant else torch.full_like(piece, -100))
     input_ids, label_ids = torch.cat(ids), torch.cat(labels)
-    if len(input_ids) > max_length:
-        raise UserError(
-            f"sample {sample.id}: {len(input_ids)} tokens (image tokens included) exceed data.max_length={max_length}; "
-            "raise data.max_length or shorten the conversation"
-        )
     extras = {k: v for k, v in first.items() if k not in ("input_ids", "attention_mask")}
-    return {"input_ids": input_ids, "labels": label_ids, **extras}
+    return cut_to_max_length({"input_ids": input_ids, "labels": label_ids, **extras}, max_length, sample.id)
+
+
+PER_TOKEN_KEYS = ("input_ids", "labels", "token_type_ids")  # what cut_to_max_length shortens
+
+
+def cut_to_max_length(encoded: dict[str, Any], max_length: int, sample_id: str) -> dict[str, Any]:
+    """An encoded sample cut to its first ``max_length`` tokens, as training reads it: the answer
+    tokens past the cut are not trained on. Images come first in the prompt, so a cut that leaves
+    any answer token leaves every image token. A sample with no answer token left is a UserError
+    (``edgetune data check`` lists every such entry, and counts the partly cut ones, beforehand)."""
+    from edgetune.train import answer_mask
+
+    length = len(encoded["input_ids"])
+    if length <= max_length:
+        return encoded
+    if not answer_mask(encoded["labels"][:max_length]).any():
+        raise UserError(
+            f"sample {sample_id}: {length} tokens (image tokens included) exceed data.max_length={max_length}, which cuts its "
+            f"answer entirely; raise data.max_length to {length}, or shrink the images or shorten the prompt"
+        )
+    return {k: v[:max_length] if k in PER_TOKEN_KEYS else v for k, v in encoded.items()}
 
 
 def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:

@@ -610,7 +610,7 @@ class Prediction:
     seq_mean: float  # after data.max_length
     seq_max: int
     padded_mean: float  # expected padded length of a micro-batch
-    over_max_length: int  # sampled entries longer than data.max_length (training refuses them)
+    over_max_length: int  # sampled entries longer than data.max_length (training cuts them there)
 
 
 def predict(shape: ModelShape, data: DataShape, recipe: Recipe, target: Target) -> Prediction:
@@ -759,8 +759,8 @@ def cheaper_settings(recipe: Recipe, data: DataShape, target: Target, vision_par
     lengths = sorted(s.seq for s in data.samples)
     shorter = lengths[int(0.9 * (len(lengths) - 1))]
     if shorter < min(lengths[-1], recipe.data.max_length):
-        changes.append(Change("data.max_length", f"{recipe.data.max_length} -> {shorter} (first drop the 10% longest entries: "
-                              "training refuses longer ones)", set_value("data", "max_length", shorter)))
+        changes.append(Change("data.max_length", f"{recipe.data.max_length} -> {shorter} (training cuts the 10% longest entries "
+                              "there; `edgetune data check` lists answers cut entirely)", set_value("data", "max_length", shorter)))
     return changes
 
 
@@ -898,8 +898,8 @@ def plan_notes(recipe: Recipe, data: DataShape, prediction: Prediction, target: 
         longest = max(s.seq for s in data.samples)
         notes.append(
             f"{prediction.over_max_length} of {len(data.samples)} planned entries exceed data.max_length={recipe.data.max_length} "
-            f"(longest: {longest} tokens) and training stops at the first: raise data.max_length or shrink the images "
-            "(this plan caps them at max_length)"
+            f"(longest: {longest} tokens): training cuts them there (`edgetune data check` lists whose answers it cuts); "
+            "raise data.max_length or shrink the images to keep them whole (this plan caps them at max_length)"
         )
     if data.total_entries > len(data.samples):
         notes.append(f"data: {len(data.samples)} of {data.total_entries} entries planned (a fixed-seed sample)")

@@ -9,7 +9,8 @@ only, so a new family is one file plus one line in ``edgetune.families.FAMILIES`
 The hooks, by stage (defaults fit LLaVA-style models; a family overrides what it does differently):
 
     load      load_processor, processor_knobs, configure_processor, configure_model, keep_precise
-    data      encode_sample (training inputs, loss on the answer), prompt_inputs (generation inputs)
+    data      encode_sample (training inputs, loss on the answer), prompt_inputs (generation inputs),
+              image_problem (image sizes the processor cannot take; edgetune.data_check asks it)
     images    image_embeds (processor output -> the rows that replace the image tokens),
               image_cache_call (what of the frozen tower train.cache_image_features caches)
     export    vision_graph, decoder_extra_inputs / language_model_kwargs, bundle_sections,
@@ -118,6 +119,16 @@ class ModelFamily:
         from edgetune.data import encode_sample
 
         return encode_sample(processor, sample, max_length)
+
+    def image_problem(self, processor: Any, width: int, height: int) -> str | None:
+        """Why the configured ``processor`` cannot take an image of ``width`` x ``height`` pixels (as
+        edgetune.data.open_image delivers it: EXIF orientation applied), with the fix; None if it
+        can. Default: only an image without pixels; any other size the processor resizes to what the
+        vision tower takes (PaliGemma's SigLIP squashes it to a fixed square, Idefics3/SmolVLM resize
+        the longest edge and tile, LLaVA-NeXT tiles and pads any aspect ratio)."""
+        if width < 1 or height < 1:
+            return f"the image is {width}x{height} pixels; replace or remove it"
+        return None
 
     def training_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The model's inputs for a training forward whose loss edgetune computes itself from the

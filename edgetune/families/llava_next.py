@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgetune.families.base import get_module
+from edgetune.families.base import ModelFamily, get_module
 from edgetune.families.llava import LlavaFamily
 
 # llava-hf/llava-v1.6-mistral-7b-hf's chat template (chat_template.json), verbatim.
@@ -64,6 +64,11 @@ class LlavaNextFamily(LlavaFamily):
         """The model unpacks crops by the same pinpoints the processor tiles with."""
         if "image_grid_pinpoints" in knobs:
             model.config.image_grid_pinpoints = knobs["image_grid_pinpoints"]
+
+    def image_problem(self, processor: Any, width: int, height: int) -> str | None:
+        """Any aspect ratio: the image is resized into the best pinpoint and padded, never to more than
+        the largest pinpoint (LLaVA's center-crop limit does not apply)."""
+        return ModelFamily.image_problem(self, processor, width, height)
 
     # image_features (LLaVA's) maps crops [crops, 3, H, W] -> [crops, tokens per crop, hidden].
 

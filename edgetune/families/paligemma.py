@@ -97,7 +97,7 @@ class PaliGemmaFamily(ModelFamily):
         The processor's own ``suffix`` path, as PaliGemma is fine-tuned: the model needs
         token_type_ids with the labels to keep the prompt bidirectional and the answer causal.
         """
-        from edgetune.data import open_image
+        from edgetune.data import cut_to_max_length, open_image
 
         if len(sample.turns) != 2:
             raise UserError(
@@ -109,17 +109,13 @@ class PaliGemmaFamily(ModelFamily):
             text=[prompt_text(sample.question, len(images))], images=images, suffix=[sample.answer],
             input_data_format="channels_last", return_tensors="pt",
         )
-        if inputs["input_ids"].shape[1] > max_length:
-            raise UserError(
-                f"sample {sample.id}: {inputs['input_ids'].shape[1]} tokens (image tokens included) exceed "
-                f"data.max_length={max_length}; raise data.max_length or shorten the question and answer"
-            )
-        return {
+        encoded = {
             "input_ids": inputs["input_ids"][0],
             "labels": inputs["labels"][0],
             "token_type_ids": inputs["token_type_ids"][0],
             "pixel_values": inputs["pixel_values"],
         }
+        return cut_to_max_length(encoded, max_length, sample.id)
 
     def prompt_inputs(self, processor: Any, prompts: list[str], images: list[list[Any]]) -> Any:
         texts = [prompt_text(prompt, len(row)) for prompt, row in zip(prompts, images)]

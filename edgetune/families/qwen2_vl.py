@@ -130,6 +130,20 @@ class Qwen2VLFamily(ModelFamily):
             raise UserError(f"model.processor: min_pixels {ip.min_pixels} exceeds max_pixels {ip.max_pixels}")
         ip.size = {"shortest_edge": ip.min_pixels, "longest_edge": ip.max_pixels}
 
+    def image_problem(self, processor: Any, width: int, height: int) -> str | None:
+        """transformers' own smart_resize at the processor's settings: in 4.57 it refuses an aspect
+        ratio above 200 (an image smaller than patch x merge is scaled up to min_pixels, not refused)."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        if problem := super().image_problem(processor, width, height):
+            return problem
+        ip = processor.image_processor
+        try:
+            smart_resize(height, width, ip.patch_size * ip.merge_size, ip.size["shortest_edge"], ip.size["longest_edge"])
+        except ValueError as err:
+            return f"the {self.name} image processor refuses it ({err}); crop or pad it to a less elongated shape"
+        return None
+
     # ---- images and export --------------------------------------------------------------------
 
     def image_embeds(self, model: Any, inputs: Any) -> Any:
