@@ -53,8 +53,8 @@ def user_errors(command: Callable) -> Callable:
                 raise
             typer.secho(f"error: {err}", fg="red", err=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.secho("interrupted; nothing was written", err=True)
+        except KeyboardInterrupt as err:  # a stage that kept something says what in the message
+            typer.secho(str(err) or "interrupted; nothing was written", err=True)
             raise typer.Exit(130) from None
         except Exception as err:
             if debug_enabled():
@@ -82,23 +82,36 @@ def quickstart(
 @app.command()
 @user_errors
 def train(
-    recipe: Path = typer.Argument(..., help="Recipe YAML."),
+    recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (with --resume: optional; default the run's own)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key: --set train.lr=1e-4 (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<recipe name>-<time>)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Shortcut for --set train.max_steps=N."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Shortcut for --set train.seed=N (same seed, same result on CPU)."),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Continue this unfinished run directory from its newest checkpoint (keys a resume may change: --set)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
 ) -> None:
-    """Fine-tune a PEFT method on the 4-bit backbone per RECIPE; writes a run directory."""
+    """Fine-tune a PEFT method on the 4-bit backbone per RECIPE; writes a run directory, resumable after a crash."""
     from edgetune.recipe import load_recipe
     from edgetune.train import train as run_training
 
     overrides = list(set_ or [])
     overrides += [f"train.max_steps={max_steps}"] if max_steps is not None else []
     overrides += [f"train.seed={seed}"] if seed is not None else []
-    parsed = load_recipe(recipe, overrides)
-    run_dir = out or Path("runs") / f"{recipe.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = run_training(parsed, run_dir, overwrite)
+    if resume is not None:
+        if out is not None and out.resolve() != resume.resolve():
+            raise UserError(f"--out {out} and --resume {resume} name different run directories; give one")
+        if recipe is None and not (resume / "recipe.yaml").is_file():
+            raise UserError(f"--resume {resume}: no recipe.yaml there; is it a run directory of edgetune train?")
+        run_dir = resume
+        parsed = load_recipe(recipe or resume / "recipe.yaml", overrides)
+    elif recipe is None:
+        raise UserError("give a recipe: edgetune train RECIPE.yaml (or --resume RUN_DIR to continue a run)")
+    else:
+        parsed = load_recipe(recipe, overrides)
+        run_dir = out or Path("runs") / f"{recipe.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = run_training(parsed, run_dir, overwrite, resume=resume is not None)
     typer.echo(f"run written to {run_dir} (loss {result.first_loss:.3f} -> {result.final_loss:.3f}, {result.train_seconds:.0f}s)")
 
 

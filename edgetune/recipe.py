@@ -79,6 +79,14 @@ class TrainSection(Section):
     # Run the frozen vision tower once per image and read its outputs from a cache on disk instead
     # (edgetune.image_cache); needs a frozen tower and images that are not augmented.
     cache_image_features: bool = False
+    # Checkpoints inside the run directory (edgetune.checkpoint), for `edgetune train --resume`: every
+    # N optimizer steps, or "auto": whenever 10 minutes have passed since the last one; 0 = none
+    # (a run then still saves one at Ctrl-C and at a non-finite loss). The newest keep_checkpoints stay.
+    save_every: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    keep_checkpoints: int = Field(2, gt=0)
+    # Steps whose loss or gradient norm is not finite that may be skipped (no update) and reported
+    # before the run stops at one; 0 = stop at the first.
+    skip_nonfinite: int = Field(0, ge=0)
 
 
 class ExportSection(Section):
@@ -102,6 +110,27 @@ class Recipe(Section):
             keep = COMMON_OPTIONS | METHODS[self.method.name].options
             data["method"] = {k: v for k, v in data["method"].items() if k in keep}
         return data
+
+
+# Keys a resumed run may change: they steer the loop's length, its reporting and how it runs, not
+# what a step computes up to the checkpoint (train.lr and train.precision are the non-finite guard's
+# fixes). Any other change is refused, since the checkpoint's state would not match the recipe.
+RESUMABLE_KEYS = frozenset({
+    "train.max_steps", "train.lr", "train.precision", "train.device", "train.eval_every", "train.eval_samples",
+    "train.max_new_tokens", "train.num_workers", "train.save_every", "train.keep_checkpoints",
+    "train.skip_nonfinite", "train.gradient_checkpointing", "train.cache_image_features", "data.eval", "export.precision",
+})
+
+
+def changed_keys(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every key whose value differs between two recipes."""
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(node, dict):
+            return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+
+    before, after = flat(old.to_yaml_dict()), flat(new.to_yaml_dict())
+    return [(key, before.get(key), after.get(key)) for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)]
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -189,4 +218,6 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def save_recipe(recipe: Recipe, path: Path) -> None:
-    path.write_text(yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False))
+    from edgetune.io import write_atomically
+
+    write_atomically(path, yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False))

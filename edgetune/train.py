@@ -1,21 +1,29 @@
 """The training loop, in the open: recipe -> 4-bit backbone -> PEFT method -> trained adapter.
 
-Writes a run directory (atomically: a failed run leaves nothing):
+Writes a run directory:
   recipe.yaml      the resolved recipe (absolute paths), re-runnable with ``edgetune train``
-  adapter/         the method's artifact (peft format, safetensors, for LoRA)
-  metrics.jsonl    one JSON object per logged step and per held-out evaluation
-  loss.png         train and held-out loss curves
-  run.json         summary: family, trainable parameters, time, peak memory, final losses
-Same seed, same data, same machine -> the same losses on CPU.
+  metrics.jsonl    one JSON object per logged step and per held-out evaluation, appended as it goes
+  checkpoints/     while the run is unfinished: the newest train.keep_checkpoints checkpoints
+                   (edgetune.checkpoint), from which ``edgetune train --resume RUN`` continues
+  adapter/         the method's artifact (peft format, safetensors, for LoRA)   } only once the run
+  loss.png         train and held-out loss curves                               } completes; run.json
+  run.json         summary: family, trainable parameters, time, peak memory, final losses  } last
+A run that fails before its first checkpoint leaves nothing; a run killed at any moment after it
+resumes from the newest checkpoint and ends with the same tensors, bit for bit on CPU, as a run
+never interrupted. Same seed, same data, same machine -> the same losses on CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import random
+import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,12 +31,18 @@ from typing import Any
 
 import torch
 
+from edgetune.checkpoint import (
+    CHECKPOINTS, Checkpoint, capture_rng, complete_checkpoints, load_latest_checkpoint, restore_rng, restore_trainable,
+    save_checkpoint,
+)
 from edgetune.data import Sample, collate, load_samples
-from edgetune.io import atomic_output_dir
+from edgetune.data_check import inspect_data
+from edgetune.errors import UserError
+from edgetune.io import check_output_dir, write_atomically
 from edgetune.load import count_parameters, detect_family, load_backbone, resolve_compute_dtype, resolve_device
 from edgetune.methods import get_method
 from edgetune.progress import PeakMemory, console, step_progress
-from edgetune.recipe import Recipe, save_recipe
+from edgetune.recipe import RESUMABLE_KEYS, Recipe, changed_keys, recipe_from_dict, save_recipe
 
 
 @dataclass
@@ -45,6 +59,8 @@ class TrainResult:
     train_seconds: float
     peak_memory_mb: float
     tokens_per_second: float
+    resumed_from: int | None = None  # the checkpoint's step when the run was resumed
+    skipped_steps: int = 0  # non-finite steps skipped under train.skip_nonfinite
 
 
 def seed_everything(seed: int) -> None:
@@ -95,24 +111,52 @@ def make_schedule(recipe: Recipe, optimizer: torch.optim.Optimizer) -> torch.opt
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def batches_forever(dataset: EncodedDataset, batch_size: int, pad_id: int, seed: int, num_workers: int = 0):
-    """Shuffled batches without end. The order comes from one generator seeded with ``seed`` in this
-    process and encoding is deterministic, so the batches are the same whatever ``num_workers``."""
+class ShuffledBatches(torch.utils.data.Sampler):
+    """Endless batches of dataset indices, reshuffled every epoch. Batch ``p`` depends on (seed, p)
+    alone, so a resumed run starts at its checkpoint's position without re-reading the batches
+    before it. Epochs drop their last partial batch unless the dataset is smaller than one batch."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, start: int = 0):
+        self.size, self.batch_size, self.seed, self.start = size, batch_size, seed, start
+        self.per_epoch = max(1, size // batch_size)
+        self._epoch, self._order = -1, []
+
+    def batch(self, position: int) -> list[int]:
+        epoch, offset = divmod(position, self.per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.size, generator=generator).tolist()
+        return self._order[offset * self.batch_size : (offset + 1) * self.batch_size]
+
+    def __iter__(self):
+        position = self.start
+        while True:
+            yield self.batch(position)
+            position += 1
+
+
+def batches_forever(dataset: EncodedDataset, batch_size: int, pad_id: int, seed: int, num_workers: int = 0, start: int = 0):
+    """Collated batches of ShuffledBatches from position ``start``. Encoding is deterministic, so
+    the batches are the same whatever ``num_workers``; the loader gets its own generator, so
+    creating it draws nothing from the global one that dropout uses."""
     if num_workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked after tokenizing
-    generator = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=True,
-        generator=generator,
+        batch_sampler=ShuffledBatches(len(dataset), batch_size, seed, start),
         collate_fn=functools.partial(collate, pad_id=pad_id),
-        drop_last=len(dataset) >= batch_size,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        worker_init_fn=_ignore_ctrl_c if num_workers else None,
+        generator=torch.Generator().manual_seed(seed),
     )
-    while True:
-        yield from loader
+    yield from loader
+
+
+def _ignore_ctrl_c(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group; the main process finishes its step and saves a
+    checkpoint, which needs the workers alive until then."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def resolve_num_workers(setting: int | str, device: torch.device) -> int:
@@ -211,13 +255,23 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def train(recipe: Recipe, run_dir: Path, overwrite: bool = False) -> TrainResult:
-    """Fine-tune per ``recipe`` and write the run directory described in the module docstring."""
+def train(recipe: Recipe, run_dir: Path, overwrite: bool = False, resume: bool = False) -> TrainResult:
+    """Fine-tune per ``recipe`` and write the run directory described in the module docstring.
+
+    resume: continue the unfinished run in ``run_dir`` from its newest checkpoint; ``recipe`` may
+    differ from the one the run stored only in RESUMABLE_KEYS (else a UserError names the key).
+    """
     method = get_method(recipe.method)
     method.check_family(detect_family(recipe.model)[0], recipe.method)  # before any work: can this family train and export it?
     train_samples = load_samples(recipe.data.train)
     eval_samples = load_samples(recipe.data.eval) if recipe.data.eval else []
-    with atomic_output_dir(run_dir, overwrite) as scratch:
+    report = inspect_data(recipe)  # every entry against the model's processor, before any weights load
+    report.raise_if_problems()
+    for warning in report.warnings:
+        console.print(f"[yellow]warning: {warning}")
+    run_dir = Path(run_dir)
+    checkpoint = open_resumed_run(run_dir, recipe) if resume else start_run_dir(run_dir, recipe, overwrite)
+    try:
         seed_everything(recipe.train.seed)
         device = resolve_device(recipe.train.device)
         dtype = resolve_compute_dtype(recipe.train.precision, device)
@@ -234,22 +288,108 @@ def train(recipe: Recipe, run_dir: Path, overwrite: bool = False) -> TrainResult
         console.print(
             f"{backbone.family.name} | {method.name} | trainable parameters: {trainable:,} of {total:,} "
             f"({100 * trainable / total:.3f}%) | {device.type} {str(dtype).removeprefix('torch.')}"
+            + (f" | resuming at step {checkpoint.step + 1} from {checkpoint.path}" if checkpoint else "")
         )
         if recipe.train.cache_image_features:  # the frozen tower runs once per image, then leaves memory
             from edgetune.image_cache import cache_image_features
 
             cache_image_features(model, backbone, train_samples + eval_samples, recipe.data.max_length, device, dtype)
         with PeakMemory(device.type) as memory:
-            result = _loop(recipe, model, backbone, train_samples, eval_samples, scratch, device, dtype, memory)
-        method.save(model, scratch / "adapter")
-        save_recipe(recipe, scratch / "recipe.yaml")
-        summary = TrainResult(str(run_dir), backbone.family.name, method.name, trainable, total, **result)
-        (scratch / "run.json").write_text(json.dumps(asdict(summary), indent=2))
-        plot_losses(scratch / "metrics.jsonl", scratch / "loss.png")
+            result = _loop(recipe, model, backbone, train_samples, eval_samples, run_dir, device, dtype, memory, checkpoint)
+        summary = TrainResult(str(run_dir), backbone.family.name, method.name, trainable, total, **result,
+                              resumed_from=checkpoint.step if checkpoint else None)
+        finish_run(run_dir, model, method, summary)
+    except BaseException as err:
+        saved = complete_checkpoints(run_dir)
+        if not saved:
+            if not resume:
+                shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: leave nothing
+            raise
+        hint = f"the run can continue from {saved[-1]}: edgetune train --resume {run_dir}"
+        if isinstance(err, KeyboardInterrupt) and not str(err):  # a second Ctrl-C, mid-step
+            raise KeyboardInterrupt(f"interrupted; {hint}") from None
+        if not isinstance(err, (KeyboardInterrupt, UserError)):  # those two say it themselves
+            console.print(f"[yellow]{hint}")
+        raise
     return summary
 
 
-def _loop(recipe, model, backbone, train_samples, eval_samples, run_dir: Path, device, dtype, memory: PeakMemory) -> dict[str, Any]:
+def start_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool) -> None:
+    """Create a fresh run directory holding the resolved recipe (None: no checkpoint to resume)."""
+    if not overwrite and (run_dir / "recipe.yaml").is_file() and not (run_dir / "run.json").exists():
+        raise UserError(f"{run_dir} holds an unfinished run; continue it with `edgetune train --resume {run_dir}` "
+                        "or start it again with --overwrite")
+    check_output_dir(run_dir, overwrite)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    save_recipe(recipe, run_dir / "recipe.yaml")
+    (run_dir / "metrics.jsonl").touch()
+    return None
+
+
+def open_resumed_run(run_dir: Path, recipe: Recipe) -> Checkpoint | None:
+    """Check that ``run_dir`` is an unfinished run that ``recipe`` may continue; store the recipe's
+    allowed changes; return its newest checkpoint (None: the run died before its first)."""
+    stored_file = run_dir / "recipe.yaml"
+    if not stored_file.is_file() or not (run_dir / "metrics.jsonl").is_file():
+        raise UserError(f"--resume {run_dir}: not a run directory of edgetune train (no recipe.yaml and metrics.jsonl)")
+    if (run_dir / "run.json").exists():
+        raise UserError(f"--resume {run_dir}: this run is complete; start a new one (for more steps, a new --out)")
+    import yaml
+
+    stored = recipe_from_dict(yaml.safe_load(stored_file.read_text()), str(stored_file), run_dir)
+    refused = [(key, old, new) for key, old, new in changed_keys(stored, recipe) if key not in RESUMABLE_KEYS]
+    if refused:
+        key, old, new = refused[0]
+        raise UserError(f"--resume {run_dir}: {key} is {new!r} but the run was trained with {old!r}; a resumed run may "
+                        f"change only {', '.join(sorted(RESUMABLE_KEYS))}")
+    checkpoint = load_latest_checkpoint(run_dir)
+    if checkpoint and checkpoint.step > recipe.train.max_steps:  # equal: killed while finishing, which resumes there
+        raise UserError(f"--resume {run_dir}: the checkpoint is at step {checkpoint.step}, train.max_steps is {recipe.train.max_steps}")
+    save_recipe(recipe, stored_file)
+    return checkpoint
+
+
+def finish_run(run_dir: Path, model: Any, method: Any, summary: TrainResult) -> None:
+    """Write the final artifacts, each whole (run.json last: its presence says the run completed),
+    then drop the checkpoints."""
+    scratch = run_dir / ".adapter.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    method.save(model, scratch)
+    shutil.rmtree(run_dir / "adapter", ignore_errors=True)
+    scratch.rename(run_dir / "adapter")
+    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    write_atomically(run_dir / "run.json", json.dumps(asdict(summary), indent=2))
+    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+
+
+class CtrlC:
+    """The first Ctrl-C asks the loop to stop after the current step (it then saves a checkpoint);
+    a second one interrupts at once. Outside the main thread (no signals there) it never fires."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self) -> "CtrlC":
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        console.print("[yellow]Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again stops at once)")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _loop(recipe, model, backbone, train_samples, eval_samples, run_dir: Path, device, dtype, memory: PeakMemory,
+          checkpoint: Checkpoint | None) -> dict[str, Any]:
     cfg = recipe.train
     pad_id = backbone.processor.tokenizer.pad_token_id
     train_set = EncodedDataset(train_samples, backbone.processor, backbone.family, recipe.data.max_length)
@@ -257,44 +397,135 @@ def _loop(recipe, model, backbone, train_samples, eval_samples, run_dir: Path, d
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(recipe, params, device)
     schedule = make_schedule(recipe, optimizer)
-    batches = batches_forever(train_set, cfg.batch_size, pad_id, cfg.seed, resolve_num_workers(cfg.num_workers, device))
-    losses: list[float] = []
-    eval_loss = None
-    tokens_seen, start = 0, time.perf_counter()
-    with open(run_dir / "metrics.jsonl", "w") as log, step_progress("train") as progress:
-        task = progress.add_task("train", total=cfg.max_steps, stats="")
-        for step in range(1, cfg.max_steps + 1):
+    # The loop's running totals: what a checkpoint stores beside the tensors.
+    totals: dict[str, Any] = {"micro_batches": 0, "tokens": 0, "seconds": 0.0, "peak_memory_mb": 0.0,
+                              "losses": [], "eval_loss": None, "skipped": []}
+    first_step = 1
+    if checkpoint:
+        restore_trainable(model, checkpoint.trainable, checkpoint.path)
+        optimizer.load_state_dict(checkpoint.optimizer)
+        schedule.load_state_dict(checkpoint.schedule)
+        follow_recipe_lr(optimizer, schedule, cfg.lr)
+        restore_rng(checkpoint.rng)
+        totals, first_step = checkpoint.loop, checkpoint.step + 1
+        keep_metrics_upto(run_dir / "metrics.jsonl", checkpoint.step)
+    positions = ShuffledBatches(len(train_set), cfg.batch_size, cfg.seed)  # which samples each batch holds
+    batches = batches_forever(train_set, cfg.batch_size, pad_id, cfg.seed, resolve_num_workers(cfg.num_workers, device),
+                              start=totals["micro_batches"])
+
+    def save(step: int, rng: dict[str, Any]) -> Path:
+        return save_checkpoint(run_dir, step, model, optimizer, schedule, rng, totals, cfg.keep_checkpoints)
+
+    session_start = last_save = time.perf_counter()
+    seconds_before = totals["seconds"]
+    with open(run_dir / "metrics.jsonl", "a") as log, step_progress("train") as progress, CtrlC() as ctrl_c:
+        task = progress.add_task("train", total=cfg.max_steps, completed=first_step - 1, stats="")
+        for step in range(first_step, cfg.max_steps + 1):
             step_start = time.perf_counter()
+            rng_before = capture_rng()  # the generators' state after step - 1, for its checkpoint
             micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
             step_loss = accumulate_gradients(model, backbone.family, micro_batches, device, dtype)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                ids = [train_samples[i].id for k in range(cfg.grad_accum) for i in positions.batch(totals["micro_batches"] + k)]
+                if len(totals["skipped"]) >= cfg.skip_nonfinite:
+                    if checkpoint and step == first_step:  # the state it resumed from already leads here
+                        raise UserError(f"step {step}: {nonfinite_what(step_loss, grad_norm)} again right after resuming from "
+                                        f"{checkpoint.path}: the steps before it already damaged the weights; start again "
+                                        f"with --overwrite and a lower train.lr (now {cfg.lr:g})")
+                    saved = save(step - 1, rng_before)
+                    raise UserError(nonfinite_message(recipe, dtype, run_dir, step, step_loss, grad_norm, ids, saved))
+                totals["skipped"].append({"step": step, "loss": repr(step_loss), "grad_norm": repr(grad_norm), "ids": ids})
+                totals["micro_batches"] += cfg.grad_accum
+                schedule.step()  # the step is spent without an update; the schedule stays on the step count
+                log.write(json.dumps({"step": step, "skipped_nonfinite": totals["skipped"][-1]}) + "\n")
+                console.print(f"[yellow]step {step}: loss {step_loss}, gradient norm {grad_norm}: skipped "
+                              f"({len(totals['skipped'])} of train.skip_nonfinite={cfg.skip_nonfinite}); batch ids {ids}")
+                progress.update(task, advance=1)
+                continue
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(step_loss)
+            totals["micro_batches"] += cfg.grad_accum
+            totals["losses"].append(step_loss)
             step_tokens = sum(int(batch["attention_mask"].sum()) for batch in micro_batches)
-            tokens_seen += step_tokens
-            elapsed = time.perf_counter() - start
-            record = {"step": step, "loss": step_loss, "lr": schedule.get_last_lr()[0],
+            totals["tokens"] += step_tokens
+            totals["seconds"] = seconds_before + time.perf_counter() - session_start
+            totals["peak_memory_mb"] = max(totals["peak_memory_mb"], memory.mb)
+            record = {"step": step, "loss": step_loss, "lr": schedule.get_last_lr()[0], "grad_norm": grad_norm,
                       "tokens": step_tokens, "step_s": time.perf_counter() - step_start,
-                      "tokens_per_s": tokens_seen / elapsed, "peak_mem_mb": memory.mb}
+                      "tokens_per_s": totals["tokens"] / totals["seconds"], "peak_mem_mb": totals["peak_memory_mb"]}
             log.write(json.dumps(record) + "\n")
             if eval_set and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                eval_loss = held_out_loss(model, eval_set, pad_id, cfg.batch_size, cfg.eval_samples, device, dtype)
-                log.write(json.dumps({"step": step, "eval_loss": eval_loss}) + "\n")
+                totals["eval_loss"] = held_out_loss(model, eval_set, pad_id, cfg.batch_size, cfg.eval_samples, device, dtype)
+                log.write(json.dumps({"step": step, "eval_loss": totals["eval_loss"]}) + "\n")
+            log.flush()
+            eval_loss = totals["eval_loss"]
             stats = f"loss {step_loss:.3f}" + (f" | eval {eval_loss:.3f}" if eval_loss is not None else "")
             stats += f" | {record['tokens_per_s']:.0f} tok/s | peak {record['peak_mem_mb']:.0f} MB"
             progress.update(task, advance=1, stats=stats)
-    seconds = time.perf_counter() - start
+            now = time.perf_counter()
+            due = (cfg.save_every == "auto" and now - last_save >= AUTO_SAVE_SECONDS) or (
+                cfg.save_every not in ("auto", 0) and step % cfg.save_every == 0)
+            if due or ctrl_c.requested or step == cfg.max_steps:  # the last: a crash while finishing resumes there
+                path = save(step, capture_rng())
+                last_save = time.perf_counter()
+                if ctrl_c.requested:
+                    raise KeyboardInterrupt(f"interrupted after step {step}; checkpoint {path}; "
+                                            f"continue with: edgetune train --resume {run_dir}")
+    losses = totals["losses"] or [math.nan]
     return dict(
         steps=cfg.max_steps,
         first_loss=losses[0],
         final_loss=sum(losses[-5:]) / len(losses[-5:]),
-        eval_loss=eval_loss,
-        train_seconds=seconds,
-        peak_memory_mb=memory.mb,
-        tokens_per_second=tokens_seen / seconds,
+        eval_loss=totals["eval_loss"],
+        train_seconds=totals["seconds"],
+        peak_memory_mb=totals["peak_memory_mb"],
+        tokens_per_second=totals["tokens"] / max(totals["seconds"], 1e-9),
+        skipped_steps=len(totals["skipped"]),
     )
+
+
+AUTO_SAVE_SECONDS = 600  # train.save_every "auto": a checkpoint every 10 minutes
+
+
+def nonfinite_what(loss: float, grad_norm: float) -> str:
+    return f"loss {loss} is not finite" if not math.isfinite(loss) else f"gradient norm {grad_norm} is not finite (loss {loss:.4g})"
+
+
+def nonfinite_message(recipe: Recipe, dtype: torch.dtype, run_dir: Path, step: int, loss: float, grad_norm: float,
+                      ids: list[str], saved: Path) -> str:
+    fixes = [f"lower train.lr (now {recipe.train.lr:g})"]
+    if dtype != torch.float32:
+        fixes.append("train.precision: fp32")
+    fixes.append(f"check this step's data entries (ids {', '.join(ids)})")
+    fixes.append("or skip such steps with train.skip_nonfinite: N")
+    return (f"step {step}: {nonfinite_what(loss, grad_norm)}; stopped. The last good state (step {step - 1}) is in {saved}. "
+            f"Likely fixes: {'; '.join(fixes)}. Then: edgetune train --resume {run_dir} --set train.lr=...")
+
+
+def follow_recipe_lr(optimizer: torch.optim.Optimizer, schedule: Any, lr: float) -> None:
+    """After loading a checkpoint: the schedule continues from its step with the recipe's train.lr
+    (the same value as before unless the resume changed it)."""
+    schedule.base_lrs = [lr for _ in optimizer.param_groups]
+    for group, lr_lambda in zip(optimizer.param_groups, schedule.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * lr_lambda(schedule.last_epoch)
+    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def keep_metrics_upto(metrics_file: Path, step: int) -> None:
+    """Drop the records a crashed run wrote after its checkpoint; the resumed run writes them again."""
+    lines = [line for line in metrics_file.read_text().splitlines() if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError):  # a line cut short by the crash
+            break
+    write_atomically(metrics_file, "".join(line + "\n" for line in kept))
 
 
 def plot_losses(metrics_file: Path, out_png: Path) -> None:
