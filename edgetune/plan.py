@@ -540,13 +540,10 @@ def encoded_sample(family: ModelFamily, processor: Any, sample: Any, scratch: Pa
 
 
 def image_sizes(sample: Any) -> list[tuple[int, int]]:
-    from PIL import Image
+    """(width, height) of each image as training reads it (EXIF orientation applied), from headers."""
+    from edgetune.data import image_size
 
-    sizes = []
-    for path in sample.images:
-        with Image.open(path) as image:  # reads the header, not the pixels
-            sizes.append(image.size)
-    return sizes
+    return [image_size(path) for path in sample.images]
 
 
 def knob_value(image_processor: Any, knob: str) -> Any:
