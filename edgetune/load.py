@@ -4,9 +4,11 @@ the vision tower, connector, embeddings, norms and lm_head kept in the compute d
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +16,9 @@ import torch
 from edgetune.errors import UserError
 from edgetune.families import FAMILIES, ModelFamily
 from edgetune.recipe import ModelSection, QuantizationSection
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")  # torch.load formats, which can run code when read
 
 
 @dataclass
@@ -43,8 +48,11 @@ def resolve_compute_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def detect_family(model: ModelSection) -> tuple[ModelFamily, Any]:
+    """The model's family and transformers config, from config files alone (no weights are read)."""
     from transformers import AutoConfig
 
+    if Path(model.path).is_dir():
+        check_model_config(Path(model.path))
     try:
         config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
     except ValueError as err:
@@ -69,6 +77,69 @@ def detect_family(model: ModelSection) -> tuple[ModelFamily, Any]:
     return family, config
 
 
+def check_model_config(model_dir: Path, where: str = "model.path") -> None:
+    """A local model directory's config.json: valid JSON with a model_type edgetune has a family for.
+
+    A config whose auto_map names custom code is refused only when its model_type is not one of
+    edgetune's families: for those, transformers loads its own implementation and runs no custom code.
+    """
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{where}: {model_dir} has no config.json; point it at a transformers model directory")
+    try:
+        config = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{where}: {config_file} is not valid JSON ({err}); fix it or download the model again") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str):
+        raise UserError(f"{where}: {config_file} has no model_type, so it is not a transformers model config; "
+                        "download the model again")
+    if model_type not in FAMILIES:
+        if config.get("auto_map"):
+            raise UserError(f"{where}: {model_dir} is a '{model_type}' model that needs custom code from its repository "
+                            "(auto_map in config.json), which edgetune does not run, model.trust_remote_code or not; "
+                            f"supported families: {', '.join(sorted(FAMILIES))}")
+        raise UserError(f"{where}: {model_dir} is a '{model_type}' model, which edgetune does not support; "
+                        f"supported families: {', '.join(sorted(FAMILIES))}")
+
+
+def check_model_weights(model_dir: Path, where: str = "model.path") -> list[Path]:
+    """The safetensors files of a local model directory, each with a readable header; returns them.
+
+    UserError when there are none (none at all, or only pickles, which edgetune never loads), when a
+    shard named in model.safetensors.index.json is missing, or when a file is truncated or corrupt.
+    ``where`` starts each message: the recipe key, or the command's argument.
+    """
+    from safetensors import safe_open
+
+    index_file = model_dir / SAFETENSORS_INDEX
+    if index_file.is_file():
+        try:
+            shards = sorted({model_dir / name for name in json.loads(index_file.read_text())["weight_map"].values()})
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise UserError(f"{where}: {index_file} is not a safetensors index ({err!r}); download the model again") from None
+    else:
+        shards = sorted(model_dir.glob("*.safetensors"))
+    if not shards:
+        pickles = sorted(path.name for pattern in PICKLE_WEIGHTS for path in model_dir.glob(pattern))
+        if pickles:
+            raise UserError(
+                f"{where}: {model_dir} has only pickle weights ({pickles[0]}), which edgetune never loads (a pickle can "
+                "run code); download the model's .safetensors files, or convert (save_pretrained(dir, safe_serialization=True))"
+            )
+        raise UserError(f"{where}: {model_dir} has a config.json but no *.safetensors weights; "
+                        "download the weights too, or point at the complete model directory")
+    for shard in shards:
+        if not shard.is_file():
+            raise UserError(f"{where}: {shard} is missing (named in {SAFETENSORS_INDEX}); download the model again")
+        try:
+            with safe_open(str(shard), framework="numpy"):
+                pass  # reads and checks the header: every tensor's bytes must lie within the file
+        except Exception as err:  # safetensors raises its own error type
+            raise UserError(f"{where}: {shard} is truncated or not a safetensors file ({err}); download it again") from None
+    return shards
+
+
 def quantization_config(quant: QuantizationSection, family: ModelFamily, compute_dtype: torch.dtype) -> Any:
     from transformers import BitsAndBytesConfig
 
@@ -90,13 +161,26 @@ def quantization_config(quant: QuantizationSection, family: ModelFamily, compute
 def load_processor(path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoProcessor, AutoTokenizer
 
-    # The slow image processors are the reference the torch-free runtime reproduces exactly.
-    processor = AutoProcessor.from_pretrained(path, use_fast=False, trust_remote_code=trust_remote_code)
-    if not processor.tokenizer.is_fast:
-        # use_fast=False reaches the tokenizer too where a slow class exists (SmolVLM's GPT2Tokenizer);
-        # the bundle ships the fast tokenizer's tokenizer.json, so train and export with that one.
-        processor.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        # The slow image processors are the reference the torch-free runtime reproduces exactly.
+        processor = AutoProcessor.from_pretrained(path, use_fast=False, trust_remote_code=trust_remote_code)
+        if not processor.tokenizer.is_fast:
+            # use_fast=False reaches the tokenizer too where a slow class exists (SmolVLM's GPT2Tokenizer);
+            # the bundle ships the fast tokenizer's tokenizer.json, so train and export with that one.
+            processor.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except PROCESSOR_ERRORS as err:
+        raise processor_error(path, err) from None
     return processor
+
+
+PROCESSOR_ERRORS = (OSError, ValueError, ImportError, TypeError)  # what transformers raises for missing or bad files
+
+
+def processor_error(path: str, err: Exception, where: str | None = None) -> UserError:
+    """transformers' refusal to load a processor, on one line naming the model directory."""
+    reason = " ".join(str(err).split()).split(". ")[0] or type(err).__name__  # transformers' first sentence
+    return UserError(f"{where + ': ' if where else ''}cannot load the tokenizer and image processor of {path} ({reason}); "
+                     "the directory needs the model's tokenizer and preprocessor files")
 
 
 def load_backbone(
@@ -107,12 +191,16 @@ def load_backbone(
 ) -> Backbone:
     """The frozen model with every parameter's requires_grad off, in eval mode."""
     family, _ = detect_family(model)
+    if Path(model.path).is_dir():
+        check_model_weights(Path(model.path))
+    processor = load_model_processor(family, model)  # before the weights: a missing tokenizer fails fast
     if device.type == "cpu":
         return_freed_memory_promptly()
     kwargs: dict[str, Any] = dict(
         dtype=compute_dtype,
         device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"},
         trust_remote_code=model.trust_remote_code,
+        use_safetensors=True,  # never a pickle, from a local directory or the hub
     )
     qconfig = quantization_config(quant, family, compute_dtype)
     if qconfig is not None:
@@ -122,10 +210,18 @@ def load_backbone(
     release_checkpoint_files(hf_model)
     hf_model.requires_grad_(False)
     hf_model.eval()
-    processor = family.load_processor(model.path, model.trust_remote_code)
-    family.configure_processor(processor, model.processor)
     family.configure_model(hf_model, model.processor)
     return Backbone(hf_model, processor, family)
+
+
+def load_model_processor(family: ModelFamily, model: ModelSection) -> Any:
+    """The family's processor for ``model``, configured by model.processor; UserError if it cannot load."""
+    try:
+        processor = family.load_processor(model.path, model.trust_remote_code)
+    except PROCESSOR_ERRORS as err:  # a family that assembles its processor itself (Qwen2-VL, PaliGemma, ...)
+        raise processor_error(model.path, err, where="model.path") from None
+    family.configure_processor(processor, model.processor)
+    return processor
 
 
 def return_freed_memory_promptly(threshold: int = 1 << 20) -> bool:

@@ -37,11 +37,15 @@ def load_manifest(bundle_dir: Path | str) -> dict:
         manifest = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid JSON ({err}); {REEXPORT}") from None
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict) or "format_version" not in manifest:
+        raise UserError(f"{path} is not a bundle manifest (no format_version); point at a bundle written by `edgetune export`")
+    version = manifest["format_version"]
     if version not in READABLE_VERSIONS:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > max(READABLE_VERSIONS)
         raise UserError(
             f"{path}: format_version {version!r} is not one this runtime reads ({', '.join(map(str, READABLE_VERSIONS))}); "
-            f"{REEXPORT} with this edgetune version"
+            + (f"a newer edgetune wrote it: upgrade edgetune where the bundle runs, or {REEXPORT} with this version"
+               if newer else f"{REEXPORT} with this edgetune version")
         )
     for section in REQUIRED_SECTIONS:
         if section not in manifest:
@@ -52,7 +56,11 @@ def load_manifest(bundle_dir: Path | str) -> dict:
     ort_section = manifest.get("ort")
     if ort_section and (set(GRAPH_NAMES) - set(ort_section.get("graphs", {})) or "required_operators" not in ort_section):
         raise UserError(f"{path}: the 'ort' section needs graphs.{{{','.join(GRAPH_NAMES)}}} and required_operators; {REEXPORT}")
-    for name in bundle_files(manifest):
+    try:
+        files = bundle_files(manifest)
+    except (KeyError, TypeError, AttributeError) as err:  # a section of the wrong shape
+        raise UserError(f"{path} is malformed ({type(err).__name__}: {err}); {REEXPORT}") from None
+    for name in files:
         if not (bundle_dir / name).is_file():
             raise UserError(f"{bundle_dir / name} is missing; {REEXPORT}")
     return manifest

@@ -31,6 +31,7 @@ positions they get cover their own tokens.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -48,6 +49,8 @@ from edgetune.runtime.codecs import EncodedImage, get_codec
 ImageInput = Path | str | Image.Image
 IMAGE_FEATURE = "image_feature"
 IN_PLACE = "kv_in_place"  # marks a past dict whose arrays are kv_buffer's preallocated buffers
+PROMPT_IMAGE_PLACEHOLDER = "<image>"  # removed from prompts, as edgetune.data removes it from user turns
+IMAGE_TOKEN_NAME = re.compile(r"image|img|vision|video|row_\d+_col_\d+", re.IGNORECASE)  # the last: idefics3's tiles
 
 
 class OnnxVLM:
@@ -78,6 +81,12 @@ class OnnxVLM:
         self.present_names = [name for name in outputs if name.startswith("present.")]
         self.kv_prefix = kv_prefix or {}  # past input name -> [kv_heads, length, head_dim]
         self.prefix_length = next(iter(self.kv_prefix.values())).shape[1] if self.kv_prefix else 0
+        # Special tokens a user's prompt must not hold: those of the image's text (per image, in
+        # user_text), the image section's own (image.token, idefics3's tile and global tokens), and
+        # any named for images or video (Qwen2-VL's <|vision_start|>, <|video_pad|>, idefics3's <row_1_col_2>).
+        self.special_tokens = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
+        named = [value for value in manifest["image"].values() if isinstance(value, str)]
+        self.image_tokens = {token for token in self.special_tokens if token in named or IMAGE_TOKEN_NAME.search(token)}
         missing = [name for name in self.past_names if self.kv_prefix and name not in self.kv_prefix]
         if missing:
             raise UserError(f"{manifest['kv_prefix']['file']} has no tensor {missing[0]}; {REEXPORT}")
@@ -104,10 +113,11 @@ class OnnxVLM:
         sessions = {}
         for name in GRAPH_NAMES:
             path = bundle_dir / (manifest["ort"]["graphs"][name] if use_ort else manifest["graphs"][name]["file"])
+            data_files = [] if use_ort else [bundle_dir / data for data in manifest["graphs"][name].get("data_files", [])]
             try:
                 sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             except Exception as err:  # onnxruntime raises several unrelated types for a bad file
-                raise UserError(f"{path} cannot be loaded by onnxruntime ({err}); {REEXPORT}") from None
+                raise graph_load_error(path, data_files, err) from None
         tokenizer_path = bundle_dir / manifest["tokenizer"]["file"]
         try:
             tokenizer = Tokenizer.from_file(str(tokenizer_path))
@@ -128,11 +138,27 @@ class OnnxVLM:
         The manifest's pre-rendered template is split at the image placeholder, {prompt} filled in,
         and the placeholder replaced by the codec's text for this image, as the HF processor does.
         """
+        prompt = self.user_text(prompt, image)
         spec = self.manifest["prompt"]
         before, after = spec["single_turn"].split(spec["image_placeholder"], 1)
         text = before.replace("{prompt}", prompt) + self.codec.image_text(image) + after.replace("{prompt}", prompt)
         add_special_tokens = self.manifest["tokenizer"]["add_special_tokens"]
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def user_text(self, prompt: str, image: EncodedImage) -> str:
+        """The prompt as the data loader reads a user turn: "<image>" placeholders removed (the image
+        has its one place in the template). Raises UserError for a prompt that holds one of the
+        bundle's image tokens, which the model would take for part of an image (an <|image_pad|>
+        too many is an image row no image embedding fills)."""
+        prompt = prompt.replace(PROMPT_IMAGE_PLACEHOLDER, "").strip()
+        image_text = self.codec.image_text(image)
+        for token in self.special_tokens:
+            if token in prompt and (token in self.image_tokens or token in image_text):
+                raise UserError(
+                    f"prompt {shorten(prompt)!r} contains {token!r}, one of the {self.manifest['family']} bundle's image "
+                    "tokens; remove it (the runtime puts the image's tokens into the prompt itself)"
+                )
+        return prompt
 
     def image_embeds(self, images: list[EncodedImage]) -> list[np.ndarray]:
         """vision.onnx on each image: [tokens, hidden] per image."""
@@ -330,6 +356,21 @@ class OnnxVLM:
                 return  # no decoder step for a token nobody will read
             mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
             logits, past = self.forward(np.array([[token]]), mask, past)
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def graph_load_error(path: Path, data_files: list[Path], err: Exception) -> UserError:
+    """onnxruntime's refusal of a graph, on one line; it names the .onnx.data file when what failed
+    is reading an initializer's bytes from it (a truncated or mismatched weights file)."""
+    reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", " ".join(str(err).split()))
+    if data_files and "External initializer" in reason:
+        reason = reason[reason.index("External initializer"):]
+        names = " or ".join(str(data) for data in data_files)
+        return UserError(f"{names} is truncated or does not match {path.name} ({shorten(reason, 160)}); {REEXPORT}")
+    return UserError(f"{path} cannot be loaded by onnxruntime ({shorten(reason, 160)}); {REEXPORT}")
 
 
 def image_feature(per_image: list[np.ndarray], batch: int) -> np.ndarray:
