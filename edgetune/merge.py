@@ -211,8 +211,12 @@ def load_merged(model_dir: Path) -> Merged:
     from edgetune.recipe import MethodSection
 
     model_dir = Path(model_dir)
+    from edgetune.load import check_model_weights
+
     family = family_of_model_dir(model_dir, where=str(model_dir))
-    model = family.model_class().from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
+    check_model_weights(model_dir, where=str(model_dir))
+    model = family.model_class().from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+    model = model.eval().requires_grad_(False)
     provenance_file = model_dir / PROVENANCE_FILE
     provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
     method = None
