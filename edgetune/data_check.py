@@ -108,11 +108,10 @@ def inspect_data(recipe: Recipe) -> DataReport:
 
 def inspect_files(recipe: Recipe, paths: list[Path]) -> DataReport:
     """inspect_data for any LLaVA-format files, with the recipe's model, model.processor and data.max_length."""
-    from edgetune.load import detect_family
+    from edgetune.load import detect_family, load_model_processor
 
     family, config = detect_family(recipe.model)  # config.json only; a bad model.processor knob is a UserError
-    processor = family.load_processor(recipe.model.path, recipe.model.trust_remote_code)
-    family.configure_processor(processor, recipe.model.processor)
+    processor = load_model_processor(family, recipe.model)  # missing tokenizer files: a UserError naming model.path
     specials = special_strings(processor)
     image_token = family.image_token_id(config)
     report = DataReport(family.name, recipe.data.max_length, {}, [])

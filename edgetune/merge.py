@@ -224,4 +224,10 @@ def load_merged(model_dir: Path) -> Merged:
         config = MethodSection.model_validate(provenance["recipe"]["method"])
         method = get_method(config, str(provenance_file))
         model = method.load(model, family, config, model_dir / METHOD_DIR).eval()
-    return Merged(model, family.load_processor(str(model_dir)), family, method, provenance)
+    from edgetune.load import PROCESSOR_ERRORS, processor_error
+
+    try:
+        processor = family.load_processor(str(model_dir))
+    except PROCESSOR_ERRORS as err:
+        raise processor_error(str(model_dir), err) from None
+    return Merged(model, processor, family, method, provenance)
