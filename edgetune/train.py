@@ -82,12 +82,9 @@ class EncodedDataset(torch.utils.data.Dataset):
 
 
 def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' paged 8-bit AdamW (CUDA only: train() refuses it on CPU up front)."""
     cfg = recipe.train
     if cfg.optimizer == "paged_adamw_8bit":
-        if device.type != "cuda":
-            from edgetune.errors import UserError
-
-            raise UserError("train.optimizer: paged_adamw_8bit needs a CUDA GPU; use adamw on CPU")
         import bitsandbytes as bnb
 
         return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -269,12 +266,15 @@ def train(recipe: Recipe, run_dir: Path, overwrite: bool = False, resume: bool =
     report.raise_if_problems()
     for warning in report.warnings:
         console.print(f"[yellow]warning: {warning}")
+    device = resolve_device(recipe.train.device)
+    dtype = resolve_compute_dtype(recipe.train.precision, device)
+    if recipe.train.optimizer == "paged_adamw_8bit" and device.type != "cuda":
+        raise UserError("train.optimizer: paged_adamw_8bit needs a CUDA GPU; use adamw on CPU")
     run_dir = Path(run_dir)
-    checkpoint = open_resumed_run(run_dir, recipe) if resume else start_run_dir(run_dir, recipe, overwrite)
+    existed = run_dir.exists()  # an empty folder of the user's stays, emptied, if the run fails
+    checkpoint, replaced = (open_resumed_run(run_dir, recipe), None) if resume else (None, start_run_dir(run_dir, recipe, overwrite))
     try:
         seed_everything(recipe.train.seed)
-        device = resolve_device(recipe.train.device)
-        dtype = resolve_compute_dtype(recipe.train.precision, device)
         with console.status(f"loading {recipe.model.path} ({recipe.quantization.mode})"):
             backbone = load_backbone(recipe.model, recipe.quantization, device, dtype)
         model = method.attach(backbone.model, backbone.family, recipe.method)
@@ -302,30 +302,42 @@ def train(recipe: Recipe, run_dir: Path, overwrite: bool = False, resume: bool =
     except BaseException as err:
         saved = complete_checkpoints(run_dir)
         if not saved:
-            if not resume:
-                shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: leave nothing
+            if not resume:  # nothing to resume: leave what was there before
+                shutil.rmtree(run_dir, ignore_errors=True)
+                if replaced:
+                    replaced.rename(run_dir)
+                elif existed:
+                    run_dir.mkdir()
             raise
+        if replaced:
+            shutil.rmtree(replaced, ignore_errors=True)
         hint = f"the run can continue from {saved[-1]}: edgetune train --resume {run_dir}"
         if isinstance(err, KeyboardInterrupt) and not str(err):  # a second Ctrl-C, mid-step
             raise KeyboardInterrupt(f"interrupted; {hint}") from None
         if not isinstance(err, (KeyboardInterrupt, UserError)):  # those two say it themselves
             console.print(f"[yellow]{hint}")
         raise
+    if replaced:
+        shutil.rmtree(replaced, ignore_errors=True)
     return summary
 
 
-def start_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool) -> None:
-    """Create a fresh run directory holding the resolved recipe (None: no checkpoint to resume)."""
+def start_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool) -> Path | None:
+    """Create a fresh run directory holding the resolved recipe. An earlier run it replaces
+    (--overwrite) is moved aside, not deleted, and its new place returned: it comes back if the new
+    run fails before its first checkpoint, as an atomic replacement would behave."""
     if not overwrite and (run_dir / "recipe.yaml").is_file() and not (run_dir / "run.json").exists():
         raise UserError(f"{run_dir} holds an unfinished run; continue it with `edgetune train --resume {run_dir}` "
                         "or start it again with --overwrite")
     check_output_dir(run_dir, overwrite)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    replaced = None
+    if run_dir.exists() and any(run_dir.iterdir()):
+        replaced = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
+        run_dir.rename(replaced)
+    run_dir.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, run_dir / "recipe.yaml")
     (run_dir / "metrics.jsonl").touch()
-    return None
+    return replaced
 
 
 def open_resumed_run(run_dir: Path, recipe: Recipe) -> Checkpoint | None:

@@ -125,6 +125,15 @@ def infer_with_image(make_image: Callable[[Inputs], Path]) -> Callable[[Inputs],
     return build
 
 
+def unfinished_run(i) -> Path:
+    """A run directory as a kill before its first checkpoint leaves it: the resolved recipe and an empty log."""
+    run_dir = i.tmp / "unfinished-run"
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text(Path(i.recipe()).read_text())
+    (run_dir / "metrics.jsonl").write_text("")
+    return run_dir
+
+
 def pickle_only(model: Path) -> None:
     import torch
     from safetensors.torch import load_file
@@ -204,6 +213,10 @@ ROWS = {
                                      ("model.path", "nomodel")),
     "recipe-processor-knob-family-lacks": Row(
         lambda i: train(i.recipe(model={"processor": {"max_pixels": 401408}}), "--out", i.out), ("model.processor.max_pixels",)),
+    "recipe-paged-optimizer-on-cpu": Row(lambda i: train(i.recipe(train={"optimizer": "paged_adamw_8bit"}), "--out", i.out),
+                                         ("train.optimizer", "paged_adamw_8bit", "CUDA")),
+    "recipe-resume-changes-batch-size": Row(lambda i: train("--resume", unfinished_run(i), "--set", "train.batch_size=2"),
+                                            ("train.batch_size", "--resume")),
     "set-without-equals": Row(lambda i: train(i.recipe(), "--set", "train.lr", "--out", i.out), ("--set", "train.lr")),
     "set-unknown-key": Row(lambda i: train(i.recipe(), "--set", "train.nope=1", "--out", i.out), ("train.nope",)),
     "set-wrong-type": Row(lambda i: train(i.recipe(), "--set", "train.lr=fast", "--out", i.out), ("train.lr",)),

@@ -7,6 +7,7 @@ must end with the same trained tensors as a run never interrupted, bit for bit (
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -221,3 +222,17 @@ def test_overwrite_replaces_only_what_edgetune_wrote(tmp_path):
     with pytest.raises(UserError, match="is a file, not a directory"):
         with atomic_output_dir(tmp_path / "a-file", overwrite=True):
             pass
+
+
+def test_a_failed_overwrite_leaves_the_earlier_run_as_it_was(write_recipe, tiny_llava_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    assert runner.invoke(app, ["train", str(write_recipe(train={"max_steps": 2})), "--out", str(run_dir)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_llava_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # found only when the weights load, after the run started
+    result = runner.invoke(app, ["train", str(write_recipe(model={"path": str(broken)})), "--out", str(run_dir), "--overwrite"])
+    assert result.exit_code == 2 and "model.safetensors is truncated" in result.output, result.output
+    assert {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken-model", "recipe.yaml", "run"]  # nothing moved aside is left
