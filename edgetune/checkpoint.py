@@ -3,10 +3,11 @@
 A checkpoint is a directory ``RUN/checkpoints/step-000120/`` holding
   trainable.safetensors  the method's trainable parameters, by ``model.named_parameters()`` name
   optimizer.safetensors  the optimizer's state tensors, keyed ``<parameter index>.<name>``
-  rng.safetensors        torch's generator states: ``cpu`` and ``cuda.<device>``
+  rng.safetensors        each process's torch generator states: ``<rank>.cpu``, ``<rank>.cuda.<device>``
   state.json             the step, the scheduler's state, the optimizer's parameter groups and
-                         non-tensor state, Python's ``random`` state, and the loop's running
-                         totals (micro-batches drawn, tokens, seconds, peak memory, losses)
+                         non-tensor state, each process's Python ``random`` state, and the
+                         loop's running totals (global micro-batches drawn, tokens, seconds,
+                         peak memory, losses, processes)
 It is written under a scratch name, synced, and renamed into place, so a directory named
 ``step-N`` is always whole, whenever the process dies; the newest ``keep`` are kept. Only
 safetensors and JSON: resuming unpickles nothing.
@@ -38,7 +39,7 @@ class Checkpoint:
     trainable: dict[str, torch.Tensor]
     optimizer: dict[str, Any]  # torch.optim.Optimizer.state_dict() layout
     schedule: dict[str, Any]  # LRScheduler.state_dict()
-    rng: dict[str, Any]  # capture_rng() layout
+    rng: list[dict[str, Any]]  # capture_rng() of each process, by rank
     loop: dict[str, Any]  # the loop's running totals
 
 
@@ -59,11 +60,11 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    schedule: Any, rng: dict[str, Any], loop: dict[str, Any], keep: int) -> Path:
+                    schedule: Any, rng: list[dict[str, Any]], loop: dict[str, Any], keep: int) -> Path:
     """Write the checkpoint of ``step`` atomically; remove all but the newest ``keep``. Returns its path.
 
-    ``rng`` is capture_rng() taken when the state after ``step`` was current (the loop passes the
-    one it took before the next step drew anything), ``loop`` any JSON-able totals."""
+    ``rng`` is each process's capture_rng() taken when the state after ``step`` was current (the
+    loop passes the one it took before the next step drew anything), ``loop`` any JSON-able totals."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -74,11 +75,14 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     save_file(trainable, scratch / "trainable.safetensors")
     tensors, optimizer_json = _split_optimizer_state(optimizer.state_dict())
     save_file(tensors, scratch / "optimizer.safetensors")
-    rng_tensors = {"cpu": rng["cpu"]} | {f"cuda.{i}": s for i, s in enumerate(rng.get("cuda", []))}
+    rng_tensors = {}
+    for rank, generators in enumerate(rng):
+        rng_tensors[f"{rank}.cpu"] = generators["cpu"]
+        rng_tensors |= {f"{rank}.cuda.{i}": s for i, s in enumerate(generators.get("cuda", []))}
     save_file(rng_tensors, scratch / "rng.safetensors")
-    version, internal, gauss = rng["python"]
+    python_random = [[version, list(internal), gauss] for version, internal, gauss in (r["python"] for r in rng)]
     state = {"format": FORMAT, "step": step, "optimizer": optimizer_json, "schedule": schedule.state_dict(),
-             "python_random": [version, list(internal), gauss], "loop": loop}
+             "python_random": python_random, "loop": loop}
     (scratch / "state.json").write_text(json.dumps(state))
     for file in scratch.iterdir():
         _fsync(file)
@@ -99,11 +103,11 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / "state.json").is_file())
 
 
-def load_latest_checkpoint(run_dir: Path) -> Checkpoint | None:
-    """The newest whole checkpoint of ``run_dir`` (None if there is none); scratch leftovers of a
-    crash are removed."""
+def load_latest_checkpoint(run_dir: Path, clean: bool = True) -> Checkpoint | None:
+    """The newest whole checkpoint of ``run_dir`` (None if there is none); with ``clean``, scratch
+    leftovers of a crash are removed (the main process's job)."""
     root = Path(run_dir) / CHECKPOINTS
-    if root.is_dir():
+    if clean and root.is_dir():
         for leftover in root.glob(".step-*.partial"):
             shutil.rmtree(leftover, ignore_errors=True)
     found = complete_checkpoints(run_dir)
@@ -119,8 +123,10 @@ def load_latest_checkpoint(run_dir: Path) -> Checkpoint | None:
         rng_tensors = load_file(path / "rng.safetensors")
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"{path}: damaged checkpoint ({err}); delete this folder to resume from the one before it") from None
-    cuda = [rng_tensors[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in rng_tensors))]
-    rng = {"cpu": rng_tensors["cpu"], "python": state["python_random"], "cuda": cuda}
+    rng = []
+    for rank, python_random in enumerate(state["python_random"]):
+        cuda = [rng_tensors[f"{rank}.cuda.{i}"] for i in range(sum(k.startswith(f"{rank}.cuda.") for k in rng_tensors))]
+        rng.append({"cpu": rng_tensors[f"{rank}.cpu"], "python": python_random, "cuda": cuda})
     return Checkpoint(path, state["step"], trainable, optimizer, state["schedule"], rng, state["loop"])
 
 

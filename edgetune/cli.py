@@ -51,18 +51,27 @@ def user_errors(command: Callable) -> Callable:
         except UserError as err:
             if debug_enabled():
                 raise
-            typer.secho(f"error: {err}", fg="red", err=True)
+            say(f"error: {err}", fg="red")
             raise typer.Exit(2) from None
         except KeyboardInterrupt as err:  # a stage that kept something says what in the message
-            typer.secho(str(err) or "interrupted; nothing was written", err=True)
+            say(str(err) or "interrupted; nothing was written")
             raise typer.Exit(130) from None
         except Exception as err:
             if debug_enabled():
                 raise
-            typer.secho(f"error: {type(err).__name__}: {err} (re-run with --debug for the traceback)", fg="red", err=True)
+            say(f"error: {type(err).__name__}: {err} (re-run with --debug for the traceback)", fg="red")
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def say(message: str, fg: str | None = None) -> None:
+    """One line on stderr; under a multi-process launch only the main process speaks (the others
+    meet the same error, or stop because it did)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        typer.secho(message, fg=fg, err=True)
 
 
 @app.command()
@@ -91,11 +100,16 @@ def train(
         None, "--resume", help="Continue this unfinished run directory from its newest checkpoint (keys a resume may change: --set)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+    num_processes: Optional[int] = typer.Option(
+        None, "--num-processes", help="Data-parallel processes, one per GPU (CPU processes without one): runs accelerate launch."
+    ),
 ) -> None:
     """Fine-tune a PEFT method on the 4-bit backbone per RECIPE; writes a run directory, resumable after a crash."""
     from edgetune.recipe import load_recipe
     from edgetune.train import train as run_training
 
+    if num_processes is not None and num_processes < 1:
+        raise UserError(f"--num-processes {num_processes}: give at least 1 (the number of GPUs, or CPU processes)")
     overrides = list(set_ or [])
     overrides += [f"train.max_steps={max_steps}"] if max_steps is not None else []
     overrides += [f"train.seed={seed}"] if seed is not None else []
@@ -111,8 +125,18 @@ def train(
     else:
         parsed = load_recipe(recipe, overrides)
         run_dir = out or Path("runs") / f"{recipe.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if num_processes and num_processes > 1:
+        from edgetune.launch import launch_training
+
+        args = ["train", *([str(recipe)] if recipe else []), "--out", str(run_dir)]
+        args += [arg for item in overrides for arg in ("--set", item)]
+        args += (["--resume", str(run_dir)] if resume else []) + (["--overwrite"] if overwrite else [])
+        raise typer.Exit(launch_training(args, num_processes, run_dir, parsed))
     result = run_training(parsed, run_dir, overwrite, resume=resume is not None)
-    typer.echo(f"run written to {run_dir} (loss {result.first_loss:.3f} -> {result.final_loss:.3f}, {result.train_seconds:.0f}s)")
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(f"run written to {run_dir} (loss {result.first_loss:.3f} -> {result.final_loss:.3f}, {result.train_seconds:.0f}s)")
 
 
 @app.command()

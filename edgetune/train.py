@@ -37,6 +37,7 @@ from edgetune.checkpoint import (
 )
 from edgetune.data import Sample, collate, load_samples
 from edgetune.data_check import inspect_data
+from edgetune.distributed import Processes, ProcessesStopped, join_processes, process_device
 from edgetune.errors import UserError
 from edgetune.io import check_output_dir, write_atomically
 from edgetune.load import count_parameters, detect_family, load_backbone, resolve_compute_dtype, resolve_device
@@ -109,21 +110,35 @@ def make_schedule(recipe: Recipe, optimizer: torch.optim.Optimizer) -> torch.opt
 
 
 class ShuffledBatches(torch.utils.data.Sampler):
-    """Endless batches of dataset indices, reshuffled every epoch. Batch ``p`` depends on (seed, p)
-    alone, so a resumed run starts at its checkpoint's position without re-reading the batches
-    before it. Epochs drop their last partial batch unless the dataset is smaller than one batch."""
+    """Endless batches of dataset indices, reshuffled every epoch, in the order a DataLoader with
+    shuffle=True, drop_last and a generator seeded with ``seed`` draws them (the order edgetune's
+    runs have always used: per epoch, the loader's base-seed draw, the permutation, and the sampler's
+    empty remainder permutation). Batch ``p`` is computed from (seed, p) alone, so a resumed run
+    starts at its checkpoint's position without re-reading the batches before it. Epochs drop their
+    last partial batch unless the dataset is smaller than one batch.
 
-    def __init__(self, size: int, batch_size: int, seed: int, start: int = 0):
+    shard (rank, world): each global batch holds batch_size x world samples, the ones a single process
+    with that batch size would draw; this process gets rows [rank * batch_size, (rank + 1) * batch_size).
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, start: int = 0, shard: tuple[int, int] = (0, 1)):
         self.size, self.batch_size, self.seed, self.start = size, batch_size, seed, start
-        self.per_epoch = max(1, size // batch_size)
-        self._epoch, self._order = -1, []
+        self.rank, self.world = shard
+        self.global_size = batch_size * self.world
+        self.per_epoch = max(1, size // self.global_size)
+        self._epoch, self._order, self._generator = -1, [], None
 
     def batch(self, position: int) -> list[int]:
         epoch, offset = divmod(position, self.per_epoch)
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._order = epoch, torch.randperm(self.size, generator=generator).tolist()
-        return self._order[offset * self.batch_size : (offset + 1) * self.batch_size]
+        if epoch < self._epoch or self._generator is None:  # replay the stream from the start
+            self._epoch, self._generator = -1, torch.Generator().manual_seed(self.seed)
+        while self._epoch < epoch:
+            torch.empty((), dtype=torch.int64).random_(generator=self._generator)  # the loader's base seed
+            self._order = torch.randperm(self.size, generator=self._generator).tolist()
+            torch.randperm(self.size, generator=self._generator)  # RandomSampler's remainder permutation
+            self._epoch += 1
+        whole = self._order[offset * self.global_size : (offset + 1) * self.global_size]
+        return whole[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
     def __iter__(self):
         position = self.start
@@ -132,7 +147,8 @@ class ShuffledBatches(torch.utils.data.Sampler):
             position += 1
 
 
-def batches_forever(dataset: EncodedDataset, batch_size: int, pad_id: int, seed: int, num_workers: int = 0, start: int = 0):
+def batches_forever(dataset: EncodedDataset, batch_size: int, pad_id: int, seed: int, num_workers: int = 0, start: int = 0,
+                    shard: tuple[int, int] = (0, 1)):
     """Collated batches of ShuffledBatches from position ``start``. Encoding is deterministic, so
     the batches are the same whatever ``num_workers``; the loader gets its own generator, so
     creating it draws nothing from the global one that dropout uses."""
@@ -140,7 +156,7 @@ def batches_forever(dataset: EncodedDataset, batch_size: int, pad_id: int, seed:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked after tokenizing
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_sampler=ShuffledBatches(len(dataset), batch_size, seed, start),
+        batch_sampler=ShuffledBatches(len(dataset), batch_size, seed, start, shard),
         collate_fn=functools.partial(collate, pad_id=pad_id),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
@@ -206,7 +222,8 @@ def answer_token_loss(model: Any, family: Any, batch: dict[str, Any]) -> tuple[t
             raise RuntimeError(f"LM head input {tuple(hidden.shape)} does not line up with labels {tuple(labels.shape)}")
         return (hidden[:, :-1][keep].unsqueeze(0), *args[1:])
 
-    handle = model.get_output_embeddings().register_forward_pre_hook(answer_positions_only)
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    handle = inner.get_output_embeddings().register_forward_pre_hook(answer_positions_only)
     try:
         logits = model(**family.training_inputs(batch), use_cache=False).logits
     finally:
@@ -225,25 +242,29 @@ def answer_tokens(batch: dict[str, Any]) -> int:
     return int(answer_mask(batch["labels"]).sum())
 
 
-def accumulate_gradients(model: Any, family: Any, micro_batches: list[dict[str, Any]], device, dtype) -> float:
+def accumulate_gradients(model: Any, family: Any, micro_batches: list[dict[str, Any]], device, dtype,
+                         processes: Processes = Processes()) -> float:
     """Backward over the micro-batches of one optimizer step; returns the step's loss.
 
     The step's loss is the mean over ALL answer tokens of its micro-batches, not the mean of the
     per-micro-batch means: each micro-batch's sum is divided by the step's answer-token count before
     its backward. So batch_size 8 x grad_accum 1 and batch_size 2 x grad_accum 4 on the same data
     give the same gradient, whatever the answers' lengths (as transformers' Trainer does with
-    num_items_in_batch).
+    num_items_in_batch). With several processes the count is the global batch's, and each loss is
+    scaled by the number of processes, which DDP's gradient average divides out again: the gradient
+    is that of one process running the whole global batch. The returned loss is the global one.
     """
-    total_tokens = max(1, sum(answer_tokens(batch) for batch in micro_batches))
+    total_tokens = max(1, processes.sum(sum(answer_tokens(batch) for batch in micro_batches)))
     step_loss = 0.0
-    for micro in micro_batches:
+    for i, micro in enumerate(micro_batches):
         batch = to_device(micro, device, dtype)
-        with autocast(device, dtype):
-            loss_sum, _ = answer_token_loss(model, family, batch)
-        loss = loss_sum / total_tokens
-        loss.backward()
+        with processes.no_sync(model) if i < len(micro_batches) - 1 else contextlib.nullcontext():
+            with autocast(device, dtype):
+                loss_sum, _ = answer_token_loss(model, family, batch)
+            loss = loss_sum / total_tokens
+            (loss * processes.world).backward()
         step_loss += loss.item()
-    return step_loss
+    return processes.sum(step_loss)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -257,6 +278,7 @@ def train(recipe: Recipe, run_dir: Path, overwrite: bool = False, resume: bool =
 
     resume: continue the unfinished run in ``run_dir`` from its newest checkpoint; ``recipe`` may
     differ from the one the run stored only in RESUMABLE_KEYS (else a UserError names the key).
+    Under ``accelerate launch`` every process calls this; see edgetune.distributed.
     """
     method = get_method(recipe.method)
     method.check_family(detect_family(recipe.model)[0], recipe.method)  # before any work: can this family train and export it?
@@ -270,9 +292,18 @@ def train(recipe: Recipe, run_dir: Path, overwrite: bool = False, resume: bool =
     dtype = resolve_compute_dtype(recipe.train.precision, device)
     if recipe.train.optimizer == "paged_adamw_8bit" and device.type != "cuda":
         raise UserError("train.optimizer: paged_adamw_8bit needs a CUDA GPU; use adamw on CPU")
+    processes = join_processes(device.type)
+    device = process_device(processes, device)
     run_dir = Path(run_dir)
-    existed = run_dir.exists()  # an empty folder of the user's stays, emptied, if the run fails
-    checkpoint, replaced = (open_resumed_run(run_dir, recipe), None) if resume else (None, start_run_dir(run_dir, recipe, overwrite))
+    existed, replaced, checkpoint = run_dir.exists(), None, None  # an empty folder of the user's stays if the run fails
+    if processes.is_main:
+        if resume:
+            checkpoint = open_resumed_run(run_dir, recipe, processes.world)
+        else:
+            replaced = start_run_dir(run_dir, recipe, overwrite)
+    processes.wait()
+    if resume and not processes.is_main:
+        checkpoint = load_latest_checkpoint(run_dir, clean=False)
     try:
         seed_everything(recipe.train.seed)
         with console.status(f"loading {recipe.model.path} ({recipe.quantization.mode})"):
@@ -285,9 +316,12 @@ def train(recipe: Recipe, run_dir: Path, overwrite: bool = False, resume: bool =
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         trainable, total = count_parameters(model)
+        cfg = recipe.train
         console.print(
             f"{backbone.family.name} | {method.name} | trainable parameters: {trainable:,} of {total:,} "
             f"({100 * trainable / total:.3f}%) | {device.type} {str(dtype).removeprefix('torch.')}"
+            + (f" | {processes.world} processes: global batch {cfg.batch_size} x {cfg.grad_accum} x {processes.world} = "
+               f"{cfg.batch_size * cfg.grad_accum * processes.world}" if processes.distributed else "")
             + (f" | resuming at step {checkpoint.step + 1} from {checkpoint.path}" if checkpoint else "")
         )
         if recipe.train.cache_image_features:  # the frozen tower runs once per image, then leaves memory
@@ -295,11 +329,16 @@ def train(recipe: Recipe, run_dir: Path, overwrite: bool = False, resume: bool =
 
             cache_image_features(model, backbone, train_samples + eval_samples, recipe.data.max_length, device, dtype)
         with PeakMemory(device.type) as memory:
-            result = _loop(recipe, model, backbone, train_samples, eval_samples, run_dir, device, dtype, memory, checkpoint)
+            result = _loop(recipe, model, backbone, train_samples, eval_samples, run_dir, device, dtype, memory, checkpoint,
+                           processes)
         summary = TrainResult(str(run_dir), backbone.family.name, method.name, trainable, total, **result,
                               resumed_from=checkpoint.step if checkpoint else None)
-        finish_run(run_dir, model, method, summary)
+        if processes.is_main:
+            finish_run(run_dir, model, method, summary)
+        processes.wait()
     except BaseException as err:
+        if not processes.is_main:  # the main process says what happened and cleans up
+            raise
         saved = complete_checkpoints(run_dir)
         if not saved:
             if not resume:  # nothing to resume: leave what was there before
@@ -312,14 +351,26 @@ def train(recipe: Recipe, run_dir: Path, overwrite: bool = False, resume: bool =
         if replaced:
             shutil.rmtree(replaced, ignore_errors=True)
         hint = f"the run can continue from {saved[-1]}: edgetune train --resume {run_dir}"
-        if isinstance(err, KeyboardInterrupt) and not str(err):  # a second Ctrl-C, mid-step
+        if processes.distributed:
+            hint += f" --num-processes {processes.world}"
+        if isinstance(err, KeyboardInterrupt) and not str(err):  # a second Ctrl-C mid-step, or a stopped process
             raise KeyboardInterrupt(f"interrupted; {hint}") from None
+        if processes.distributed and lost_a_process(err):
+            reason = " ".join(str(err).split())[:120]
+            raise RuntimeError(f"a process of this run failed or was killed ({reason}); {hint}") from err
         if not isinstance(err, (KeyboardInterrupt, UserError)):  # those two say it themselves
             console.print(f"[yellow]{hint}")
         raise
     if replaced:
         shutil.rmtree(replaced, ignore_errors=True)
     return summary
+
+
+def lost_a_process(err: BaseException) -> bool:
+    """Whether ``err`` is a collective operation failing because a peer process went away."""
+    text = str(err)
+    return isinstance(err, (torch.distributed.DistError, ProcessesStopped)) or (
+        isinstance(err, RuntimeError) and any(sign in text for sign in ("gloo", "NCCL", "Connection reset", "Connection closed")))
 
 
 def start_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool) -> Path | None:
@@ -340,9 +391,11 @@ def start_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool) -> Path | None
     return replaced
 
 
-def open_resumed_run(run_dir: Path, recipe: Recipe) -> Checkpoint | None:
-    """Check that ``run_dir`` is an unfinished run that ``recipe`` may continue; store the recipe's
-    allowed changes; return its newest checkpoint (None: the run died before its first)."""
+def open_resumed_run(run_dir: Path, recipe: Recipe, processes: int = 1) -> Checkpoint | None:
+    """Check that ``run_dir`` is an unfinished run that ``recipe`` may continue with ``processes``
+    processes; store the recipe's allowed changes; return its newest checkpoint (None: the run died
+    before its first). Another number of processes is allowed when the global batch (batch_size x
+    processes) stays the same, so that each step sees the same samples."""
     stored_file = run_dir / "recipe.yaml"
     if not stored_file.is_file() or not (run_dir / "metrics.jsonl").is_file():
         raise UserError(f"--resume {run_dir}: not a run directory of edgetune train (no recipe.yaml and metrics.jsonl)")
@@ -351,12 +404,22 @@ def open_resumed_run(run_dir: Path, recipe: Recipe) -> Checkpoint | None:
     import yaml
 
     stored = recipe_from_dict(yaml.safe_load(stored_file.read_text()), str(stored_file), run_dir)
-    refused = [(key, old, new) for key, old, new in changed_keys(stored, recipe) if key not in RESUMABLE_KEYS]
+    checkpoint = load_latest_checkpoint(run_dir)
+    stored_processes = checkpoint.loop.get("processes", 1) if checkpoint else processes
+    global_batch = stored.train.batch_size * stored_processes
+    allowed = RESUMABLE_KEYS
+    if processes != stored_processes:  # then train.batch_size must change so that the global batch does not
+        if recipe.train.batch_size * processes != global_batch:
+            fix = (f"set --set train.batch_size={global_batch // processes}" if global_batch % processes == 0
+                   else f"it does not split over {processes} processes; use a number of processes that divides it")
+            raise UserError(f"--resume {run_dir}: the run's global batch is {stored.train.batch_size} x {stored_processes} "
+                            f"process(es) = {global_batch}, and {recipe.train.batch_size} x {processes} is not; {fix}")
+        allowed = RESUMABLE_KEYS | {"train.batch_size"}
+    refused = [(key, old, new) for key, old, new in changed_keys(stored, recipe) if key not in allowed]
     if refused:
         key, old, new = refused[0]
         raise UserError(f"--resume {run_dir}: {key} is {new!r} but the run was trained with {old!r}; a resumed run may "
                         f"change only {', '.join(sorted(RESUMABLE_KEYS))}")
-    checkpoint = load_latest_checkpoint(run_dir)
     if checkpoint and checkpoint.step > recipe.train.max_steps:  # equal: killed while finishing, which resumes there
         raise UserError(f"--resume {run_dir}: the checkpoint is at step {checkpoint.step}, train.max_steps is {recipe.train.max_steps}")
     save_recipe(recipe, stored_file)
@@ -401,7 +464,7 @@ class CtrlC:
 
 
 def _loop(recipe, model, backbone, train_samples, eval_samples, run_dir: Path, device, dtype, memory: PeakMemory,
-          checkpoint: Checkpoint | None) -> dict[str, Any]:
+          checkpoint: Checkpoint | None, processes: Processes = Processes()) -> dict[str, Any]:
     cfg = recipe.train
     pad_id = backbone.processor.tokenizer.pad_token_id
     train_set = EncodedDataset(train_samples, backbone.processor, backbone.family, recipe.data.max_length)
@@ -411,32 +474,42 @@ def _loop(recipe, model, backbone, train_samples, eval_samples, run_dir: Path, d
     schedule = make_schedule(recipe, optimizer)
     # The loop's running totals: what a checkpoint stores beside the tensors.
     totals: dict[str, Any] = {"micro_batches": 0, "tokens": 0, "seconds": 0.0, "peak_memory_mb": 0.0,
-                              "losses": [], "eval_loss": None, "skipped": []}
+                              "losses": [], "eval_loss": None, "skipped": [], "processes": processes.world}
     first_step = 1
     if checkpoint:
         restore_trainable(model, checkpoint.trainable, checkpoint.path)
         optimizer.load_state_dict(checkpoint.optimizer)
         schedule.load_state_dict(checkpoint.schedule)
         follow_recipe_lr(optimizer, schedule, cfg.lr)
-        restore_rng(checkpoint.rng)
-        totals, first_step = checkpoint.loop, checkpoint.step + 1
-        keep_metrics_upto(run_dir / "metrics.jsonl", checkpoint.step)
-    positions = ShuffledBatches(len(train_set), cfg.batch_size, cfg.seed)  # which samples each batch holds
+        # Each process its own generators' state; with another number of processes than the run had
+        # (allowed when the global batch is the same) the main process's, for every process.
+        same = len(checkpoint.rng) == processes.world
+        restore_rng(checkpoint.rng[processes.rank if same else 0])
+        totals, first_step = checkpoint.loop | {"processes": processes.world}, checkpoint.step + 1
+        if processes.is_main:
+            keep_metrics_upto(run_dir / "metrics.jsonl", checkpoint.step)
+    shard = (processes.rank, processes.world)
+    positions = ShuffledBatches(len(train_set), cfg.batch_size * processes.world, cfg.seed)  # each global batch's samples
     batches = batches_forever(train_set, cfg.batch_size, pad_id, cfg.seed, resolve_num_workers(cfg.num_workers, device),
-                              start=totals["micro_batches"])
+                              start=totals["micro_batches"], shard=shard)
+    runner = processes.wrap(model)  # DDP around the model when there are processes to keep in sync
 
-    def save(step: int, rng: dict[str, Any]) -> Path:
-        return save_checkpoint(run_dir, step, model, optimizer, schedule, rng, totals, cfg.keep_checkpoints)
+    def save(step: int, rng: dict[str, Any]) -> Path | None:
+        rngs = processes.gather(rng)  # every process's generators: each draws its own dropout masks
+        if not processes.is_main:
+            return None
+        return save_checkpoint(run_dir, step, model, optimizer, schedule, rngs, totals, cfg.keep_checkpoints)
 
     session_start = last_save = time.perf_counter()
     seconds_before = totals["seconds"]
-    with open(run_dir / "metrics.jsonl", "a") as log, step_progress("train") as progress, CtrlC() as ctrl_c:
+    log_file = run_dir / "metrics.jsonl" if processes.is_main else os.devnull
+    with open(log_file, "a") as log, step_progress("train") as progress, CtrlC() as ctrl_c:
         task = progress.add_task("train", total=cfg.max_steps, completed=first_step - 1, stats="")
         for step in range(first_step, cfg.max_steps + 1):
             step_start = time.perf_counter()
             rng_before = capture_rng()  # the generators' state after step - 1, for its checkpoint
             micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
-            step_loss = accumulate_gradients(model, backbone.family, micro_batches, device, dtype)
+            step_loss = accumulate_gradients(runner, backbone.family, micro_batches, device, dtype, processes)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
@@ -461,7 +534,7 @@ def _loop(recipe, model, backbone, train_samples, eval_samples, run_dir: Path, d
             optimizer.zero_grad(set_to_none=True)
             totals["micro_batches"] += cfg.grad_accum
             totals["losses"].append(step_loss)
-            step_tokens = sum(int(batch["attention_mask"].sum()) for batch in micro_batches)
+            step_tokens = int(processes.sum(sum(int(batch["attention_mask"].sum()) for batch in micro_batches)))
             totals["tokens"] += step_tokens
             totals["seconds"] = seconds_before + time.perf_counter() - session_start
             totals["peak_memory_mb"] = max(totals["peak_memory_mb"], memory.mb)
@@ -469,7 +542,7 @@ def _loop(recipe, model, backbone, train_samples, eval_samples, run_dir: Path, d
                       "tokens": step_tokens, "step_s": time.perf_counter() - step_start,
                       "tokens_per_s": totals["tokens"] / totals["seconds"], "peak_mem_mb": totals["peak_memory_mb"]}
             log.write(json.dumps(record) + "\n")
-            if eval_set and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            if eval_set and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps) and processes.is_main:
                 totals["eval_loss"] = held_out_loss(model, eval_set, pad_id, cfg.batch_size, cfg.eval_samples, device, dtype)
                 log.write(json.dumps({"step": step, "eval_loss": totals["eval_loss"]}) + "\n")
             log.flush()
@@ -480,10 +553,12 @@ def _loop(recipe, model, backbone, train_samples, eval_samples, run_dir: Path, d
             now = time.perf_counter()
             due = (cfg.save_every == "auto" and now - last_save >= AUTO_SAVE_SECONDS) or (
                 cfg.save_every not in ("auto", 0) and step % cfg.save_every == 0)
-            if due or ctrl_c.requested or step == cfg.max_steps:  # the last: a crash while finishing resumes there
+            # Every process decides alike (a clock or a Ctrl-C may reach one process a step before another).
+            interrupted = processes.sum(float(ctrl_c.requested)) > 0
+            if processes.sum(float(due)) > 0 or interrupted or step == cfg.max_steps:  # the last: a crash while finishing resumes there
                 path = save(step, capture_rng())
                 last_save = time.perf_counter()
-                if ctrl_c.requested:
+                if interrupted:
                     raise KeyboardInterrupt(f"interrupted after step {step}; checkpoint {path}; "
                                             f"continue with: edgetune train --resume {run_dir}")
     losses = totals["losses"] or [math.nan]
