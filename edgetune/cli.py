@@ -147,6 +147,7 @@ def plan(
     gpu: Optional[str] = typer.Option(None, "--gpu", help="Plan for this GPU, e.g. rtx-4090 (an unknown name lists the known ones)."),
     vram: Optional[float] = typer.Option(None, "--vram", help="Plan for a GPU with this many GB (with --gpu: instead of its own)."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (this machine); default: the recipe's, else a visible GPU, else cpu."),
+    gpus: int = typer.Option(1, "--gpus", help="Data-parallel GPUs (--num-processes of train): memory per GPU, the global batch."),
     json_: bool = typer.Option(False, "--json", help="Print one JSON object instead of the tables."),
 ) -> None:
     """Predict peak memory by part, image tokens and time per step for RECIPE, from config files alone (no weights)."""
@@ -156,7 +157,7 @@ def plan(
     from edgetune.progress import console
     from edgetune.recipe import load_recipe
 
-    result = plan_recipe(load_recipe(recipe, set_ or []), recipe.stem, gpu=gpu, vram=vram, device=device)
+    result = plan_recipe(load_recipe(recipe, set_ or []), recipe.stem, gpu=gpu, vram=vram, device=device, gpus=gpus)
     if json_:
         typer.echo(json.dumps(result.to_json(), indent=2))
     else:

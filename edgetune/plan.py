@@ -91,7 +91,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,7 @@ PART_LABELS = {
     "activations": "activations",
     "logits": "loss logits",
     "overhead": "framework overhead",
+    "ddp_buckets": "DDP gradient buckets",
 }
 
 
@@ -793,6 +794,7 @@ class Plan:
     prediction: Prediction
     knobs: list[Knob]
     notes: list[str]
+    gpus: int = 1  # data-parallel processes, one per GPU; the memory is per GPU
 
     @property
     def fits(self) -> bool:
@@ -804,8 +806,8 @@ class Plan:
 
     @property
     def tokens_per_step(self) -> float:
-        """Tokens an optimizer step trains on, padding excluded (what training logs as "tokens")."""
-        return self.recipe.train.batch_size * self.recipe.train.grad_accum * self.prediction.seq_mean
+        """Tokens an optimizer step trains on, padding excluded (what training logs as "tokens"), all GPUs."""
+        return self.recipe.train.batch_size * self.recipe.train.grad_accum * self.gpus * self.prediction.seq_mean
 
     @property
     def run_seconds(self) -> float:
@@ -821,6 +823,7 @@ class Plan:
             "target": self.target.name,
             "dtype": self.target.dtype,
             "budget_mb": round(self.target.budget_mb, 1),
+            "gpus": self.gpus,
             "peak_memory_mb": round(p.peak_mb, 3),
             "allocated_mb": round(p.allocated_mb, 3),
             "fits": self.fits,
@@ -847,11 +850,18 @@ class Plan:
 
 
 def plan_recipe(recipe: Recipe, name: str = "recipe", gpu: str | None = None, vram: float | None = None,
-                device: str | None = None, cpu_tflops: float | None = None) -> Plan:
+                device: str | None = None, cpu_tflops: float | None = None, gpus: int = 1) -> Plan:
     """Predict ``recipe``'s peak memory, time and fit on the target (see resolve_target); reads
-    config, processor and tokenizer files and the training data, never weights."""
+    config, processor and tokenizer files and the training data, never weights.
+
+    gpus: data-parallel processes (edgetune.distributed), each with train.batch_size samples: every
+    GPU holds what one would plus DDP's gradient buckets (a second fp32 copy of the trainable
+    parameters' gradients); a step takes about one GPU's step time and trains gpus x the tokens.
+    """
     from edgetune.load import detect_family
 
+    if gpus < 1:
+        raise UserError(f"--gpus {gpus}: give at least 1")
     target = resolve_target(recipe, gpu, vram, device, cpu_tflops)
     model_dir = model_files(recipe.model)
     family, config = detect_family(recipe.model.model_copy(update={"path": str(model_dir)}))
@@ -862,13 +872,27 @@ def plan_recipe(recipe: Recipe, name: str = "recipe", gpu: str | None = None, vr
         return data_shape(family, config, model_dir, changed.model, samples, total, shape.vision_patch)
 
     data = measure(recipe)
-    prediction = predict(shape, data, recipe, target)
-    knobs = turned_knobs(recipe, data, target, shape, prediction, measure) if prediction.peak_mb > target.budget_mb else []
-    return Plan(name, recipe, family.name, target, shape, data, prediction, knobs, plan_notes(recipe, data, prediction, target))
+
+    def predict_per_gpu(changed: Recipe, changed_data: DataShape) -> Prediction:
+        prediction = predict(shape, changed_data, changed, target)
+        if gpus == 1:
+            return prediction
+        buckets = shape.trainable_params * 4 / MB
+        return replace(prediction, parts_mb=prediction.parts_mb | {"ddp_buckets": buckets},
+                       allocated_mb=prediction.allocated_mb + buckets, peak_mb=prediction.peak_mb + buckets)
+
+    prediction = predict_per_gpu(recipe, data)
+    knobs = (turned_knobs(recipe, data, target, shape, prediction, measure, predict_per_gpu)
+             if prediction.peak_mb > target.budget_mb else [])
+    notes = plan_notes(recipe, data, prediction, target)
+    if gpus > 1:
+        notes.append(f"{gpus} GPUs, data-parallel (DDP): memory per GPU; a step trains a global batch of "
+                     f"{recipe.train.batch_size} x {recipe.train.grad_accum} x {gpus}; FSDP is not supported yet")
+    return Plan(name, recipe, family.name, target, shape, data, prediction, knobs, notes, gpus)
 
 
 def turned_knobs(recipe: Recipe, data: DataShape, target: Target, shape: ModelShape, prediction: Prediction,
-                 measure: Callable[[Recipe], DataShape]) -> list[Knob]:
+                 measure: Callable[[Recipe], DataShape], predict_per_gpu: Callable[[Recipe, DataShape], Prediction]) -> list[Knob]:
     """Each cheaper setting alone with its predicted peak, best first; all of them together when
     none suffices alone."""
 
@@ -877,7 +901,7 @@ def turned_knobs(recipe: Recipe, data: DataShape, target: Target, shape: ModelSh
         for change in changes:
             change.apply(changed)
         changed_data = measure(changed) if any(change.reencode for change in changes) else data
-        return predict(shape, changed_data, changed, target).peak_mb
+        return predict_per_gpu(changed, changed_data).peak_mb
 
     helpful = [(change, peak) for change in cheaper_settings(recipe, data, target, shape.vision_params)
                if (peak := peak_with([change])) < prediction.peak_mb]
@@ -931,6 +955,7 @@ def part_descriptions(plan: Plan) -> dict[str, str]:
         "activations": f"{worst['tokens']:,} tokens" + (", checkpointed" if recipe.train.gradient_checkpointing else ", no checkpointing"),
         "logits": f"{worst['answer_tokens']:,} answer tokens x {shape.vocab:,}",
         "overhead": "CUDA context + fragmentation" if plan.target.device == "cuda" else "the process + fragmentation",
+        "ddp_buckets": f"fp32 copy of the gradients DDP all-reduces across {plan.gpus} GPUs",
     }
 
 
@@ -972,7 +997,8 @@ def print_plan(plan: Plan, console: Any) -> None:
     max_image_tokens = max(s.image_tokens for s in plan.data.samples)
     shapes.add_row("image tokens per sample", f"{plan.image_tokens_per_sample:,.1f} mean, {max_image_tokens:,} max")
     shapes.add_row("sequence length", f"{p.seq_mean:,.1f} mean, {p.seq_max:,} max (data.max_length {plan.recipe.data.max_length:,})")
-    shapes.add_row("tokens per step", f"{plan.tokens_per_step:,.0f} (batch {train.batch_size} x grad_accum {train.grad_accum})")
+    per = f"batch {train.batch_size} x grad_accum {train.grad_accum}" + (f" x {plan.gpus} GPUs" if plan.gpus > 1 else "")
+    shapes.add_row("tokens per step", f"{plan.tokens_per_step:,.0f} ({per})")
     shapes.add_row("FLOPs per step", f"{p.flops_per_step:.3g} at {target.tflops:.3g} TFLOPS x efficiency {target.efficiency:g}")
     shapes.add_row("time per step", duration(p.step_seconds))
     shapes.add_row(f"time for {train.max_steps:,} steps", duration(plan.run_seconds))

@@ -215,3 +215,14 @@ def test_zero_vram_is_one_line(write_recipe):
 def test_an_optimizer_cpus_cannot_run_is_one_line(write_recipe):
     result = run(write_recipe(train={"optimizer": "paged_adamw_8bit"}), "--device", "cpu")
     assert_one_line_error(result, "train.optimizer", "--gpu")
+
+
+def test_data_parallel_gpus_add_ddp_buckets_per_gpu_and_multiply_the_global_batch(tiny_model_dir, task_dir, write_recipe):
+    one = tiny_plan(tiny_model_dir, task_dir)
+    two = tiny_plan(tiny_model_dir, task_dir, target={"gpu": "rtx-4090", "gpus": 2})
+    buckets = one.shape.trainable_params * 4 / 2**20  # one fp32 gradient copy, what DDP all-reduces
+    assert two.prediction.parts_mb["ddp_buckets"] == pytest.approx(buckets)
+    assert two.prediction.peak_mb == pytest.approx(one.prediction.peak_mb + buckets)
+    assert two.tokens_per_step == pytest.approx(2 * one.tokens_per_step)
+    assert two.to_json()["gpus"] == 2 and "ddp_buckets" not in one.prediction.parts_mb
+    assert_one_line_error(run(write_recipe(), "--gpu", "rtx-4090", "--gpus", "0"), "--gpus 0")
