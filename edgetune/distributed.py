@@ -80,6 +80,10 @@ def join_processes(device_type: str) -> Processes:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
+    for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(flag, "").lower() in ("1", "true", "yes"):
+            raise UserError(f"accelerate launch: {name} is not supported; edgetune trains data-parallel (DDP) only: "
+                            "accelerate launch --multi_gpu --num_processes N -m edgetune train ...")
     # find_unused_parameters=False: every trainable tensor takes part in every step's loss.
     accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision="no",
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])

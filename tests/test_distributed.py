@@ -136,3 +136,14 @@ def test_bad_process_counts_and_a_cuda_optimizer_on_cpu_processes_are_one_line(r
                                  "--set", "train.optimizer=paged_adamw_8bit"])
     assert result.exit_code == 2 and "paged_adamw_8bit needs a CUDA GPU" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_fsdp_is_refused_with_one_line_before_anything_is_written(recipe_file, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "2",
+                             "--main_process_port", "29517", "-m", "edgetune", "train", str(recipe_file), "--out", str(tmp_path / "run")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    ours = [line for line in launch.stderr.splitlines() if line.startswith("error: ")]
+    assert launch.returncode != 0 and len(ours) == 1, launch.stderr  # one line: the main process's, not one per process
+    assert "FSDP is not supported; edgetune trains data-parallel (DDP) only" in ours[0]
+    assert not (tmp_path / "run").exists()
