@@ -217,6 +217,7 @@ ROWS = {
                                          ("train.optimizer", "paged_adamw_8bit", "CUDA")),
     "recipe-resume-changes-batch-size": Row(lambda i: train("--resume", unfinished_run(i), "--set", "train.batch_size=2"),
                                             ("train.batch_size", "--resume")),
+    "train-zero-processes": Row(lambda i: train(i.recipe(), "--out", i.out, "--num-processes", "0"), ("--num-processes 0",)),
     "set-without-equals": Row(lambda i: train(i.recipe(), "--set", "train.lr", "--out", i.out), ("--set", "train.lr")),
     "set-unknown-key": Row(lambda i: train(i.recipe(), "--set", "train.nope=1", "--out", i.out), ("train.nope",)),
     "set-wrong-type": Row(lambda i: train(i.recipe(), "--set", "train.lr=fast", "--out", i.out), ("train.lr",)),
